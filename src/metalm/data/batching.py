@@ -1,0 +1,70 @@
+"""Dynamic padding and resumable, seeded batch streams."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from metalm.data.tokenize import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+def collate(columns: Mapping[str, list], indices: Sequence[int], *, pad_id: int) -> Batch:
+    """Pads the selected rows to the longest of them.
+
+    Returns:
+        ``input_ids`` (B, T), ``attention_mask`` (B, T), ``token_type_ids`` (B, T) when the
+        tokenizer has them, and ``labels``: (B,) per sentence or (B, T) per token.
+    """
+    ids = [columns["input_ids"][i] for i in indices]
+    longest = max(len(x) for x in ids)
+    batch = {
+        "input_ids": torch.tensor([x + [pad_id] * (longest - len(x)) for x in ids]),  # (B, T)
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids]),  # (B, T)
+    }
+    if "token_type_ids" in columns:
+        types = [columns["token_type_ids"][i] for i in indices]
+        batch["token_type_ids"] = torch.tensor([t + [0] * (longest - len(t)) for t in types])  # (B, T)
+    labels = [columns["labels"][i] for i in indices]
+    if isinstance(labels[0], list):
+        batch["labels"] = torch.tensor([y + [IGNORE_INDEX] * (longest - len(y)) for y in labels])  # (B, T)
+    else:
+        batch["labels"] = torch.tensor(labels)  # (B,)
+    return batch
+
+
+class BatchStream:
+    """Endless shuffled batches of row indices; its whole state is (epoch, position).
+
+    Epoch ``e`` uses the permutation drawn from ``seed`` and ``e``, so a stream restored
+    from its state continues with exactly the batches it would have produced.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int = 0, position: int = 0):
+        if size < 1:
+            raise ValueError("cannot stream an empty dataset")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def next_indices(self) -> list[int]:
+        """The next batch; the last batch of an epoch may be smaller."""
+        if self.position >= self.size:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        chunk = self._order[self.position:self.position + self.batch_size]
+        self.position += len(chunk)
+        return chunk.tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

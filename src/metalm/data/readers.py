@@ -1,0 +1,265 @@
+"""Readers that turn files into records, checking every row as they go.
+
+A record is a plain dict: ``{"text_a": str, "text_b": str (pairs only), "label": int | float}``
+for sentence tasks, ``{"tokens": [str], "tags": [int]}`` for token tasks. Readers know
+nothing about tokenisers or models; they raise ``DataError`` naming file, line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from metalm.data.errors import DataError
+
+Record = dict[str, Any]
+TEXT_FIELDS = ("text_a", "text_b")
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def label_parser(kind: str, labels: tuple[str, ...] | None) -> Callable[[Any], int | float]:
+    """A function raw value -> label, raising ValueError(expected) on a bad value.
+
+    Args:
+        kind: ``"score"`` for a real number, ``"class"`` for one of ``labels``.
+        labels: the label names in index order (class labels only). ``"0.0"`` is accepted
+            for a label named ``"0"``, as some files write integers as floats.
+    """
+    if kind == "score":
+
+        def parse_score(raw: Any) -> float:
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError("a number (similarity score)") from None
+            if not math.isfinite(value):
+                raise ValueError("a finite number (similarity score)")
+            return value
+
+        return parse_score
+    if not labels:
+        raise ValueError("a classification task needs its list of labels")
+    index = {name: i for i, name in enumerate(labels)}
+    expected = f"one of {list(labels)}"
+
+    def parse_class(raw: Any) -> int:
+        text = raw.strip() if isinstance(raw, str) else str(raw)
+        if text in index:
+            return index[text]
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if number.is_integer() and str(int(number)) in index:
+            return index[str(int(number))]
+        raise ValueError(expected)
+
+    return parse_class
+
+
+def _check_nonempty(path: Path) -> None:
+    if not path.exists():
+        raise DataError(path, None, None, "an existing file", "no such file")
+    if path.stat().st_size == 0:
+        raise DataError(path, None, None, "a non-empty file", "an empty file")
+
+
+def read_delimited(
+    path: str | Path,
+    *,
+    columns: Mapping[str, str | int],
+    parse_label: Callable[[Any], Any] | None,
+    delimiter: str = "\t",
+    header: bool = True,
+    quoting: str = "none",
+    comment_prefix: str | None = None,
+) -> list[Record]:
+    """Reads a TSV/CSV file whose columns are named (with a header) or indexed (without).
+
+    Args:
+        path: the file.
+        columns: maps record fields (``text_a``, ``text_b``, ``label``) to a header name or a
+            0-based column index.
+        parse_label: converts the label column; None reads no label (an unlabelled split).
+        delimiter: field separator.
+        header: whether the first non-comment line is a header.
+        quoting: ``"none"`` (GLUE tsv: quotes are text) or ``"csv"`` (standard CSV quoting).
+        comment_prefix: lines starting with it are skipped (e.g. ``#`` in SimLex).
+    """
+    path = Path(path)
+    _check_nonempty(path)
+    records: list[Record] = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = _without_comments(handle, comment_prefix)
+        mode = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
+        reader = csv.reader(lines.iter(), delimiter=delimiter, quoting=mode)
+        wanted = {f: c for f, c in columns.items() if f != "label" or parse_label is not None}
+        positions: dict[str, int] = {}
+        if header:
+            names = next(reader, None)
+            if names is None:
+                raise DataError(path, None, None, "a header line and at least one row", "only comments")
+            names = [n.strip() for n in names]
+            for field, col in wanted.items():
+                positions[field] = _header_position(path, lines.line, names, field, col)
+        else:
+            positions = {field: col for field, col in wanted.items() if isinstance(col, int)}
+            named = [c for c in wanted.values() if not isinstance(c, int)]
+            if named:
+                raise DataError(path, None, named[0], "a column index (the file has no header)", named[0])
+        width = max(positions.values(), default=-1) + 1
+        for row in reader:
+            line = lines.line
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) < width:
+                raise DataError(
+                    path, line, None,
+                    f"a row with at least {width} {_sep_name(delimiter)}-separated fields", f"{len(row)} field(s)",
+                )
+            records.append(_make_record(path, line, row, positions, columns, parse_label))
+    if not records:
+        raise DataError(path, None, None, "at least one data row", "no rows")
+    return records
+
+
+def _sep_name(delimiter: str) -> str:
+    return {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
+
+
+def _header_position(path: Path, line: int, names: list[str], field: str, col: str | int) -> int:
+    if isinstance(col, int):
+        if col >= len(names):
+            raise DataError(path, line, col, f"a header with at least {col + 1} columns", names)
+        return col
+    if col not in names:
+        raise DataError(path, line, col, f"a header column named {col!r} (for {field})", f"header {names}")
+    return names.index(col)
+
+
+def _make_record(path, line, row, positions, columns, parse_label) -> Record:
+    record: Record = {}
+    for field, pos in positions.items():
+        raw = row[pos]
+        if field == "label":
+            try:
+                record["label"] = parse_label(raw)
+            except ValueError as err:
+                raise DataError(path, line, columns[field], str(err), raw) from None
+        else:
+            record[field] = raw.strip()
+    return record
+
+
+class _without_comments:
+    """Feeds lines to csv.reader, skipping comments and keeping the physical line number."""
+
+    def __init__(self, handle, prefix: str | None):
+        self.handle, self.prefix, self.line = handle, prefix, 0
+
+    def iter(self) -> Iterator[str]:
+        for text in self.handle:
+            self.line += 1
+            if self.prefix and text.startswith(self.prefix):
+                continue
+            yield text
+
+
+def read_jsonl(
+    path: str | Path, *, columns: Mapping[str, str | int], parse_label: Callable[[Any], Any] | None
+) -> list[Record]:
+    """Reads one JSON object per line; ``columns`` maps record fields to object keys."""
+    path = Path(path)
+    _check_nonempty(path)
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(path, line, None, f"a JSON object ({err.msg})", text.strip()) from None
+            if not isinstance(obj, dict):
+                raise DataError(path, line, None, "a JSON object", obj)
+            records.append(_record_from_mapping(path, line, obj, columns, parse_label))
+    if not records:
+        raise DataError(path, None, None, "at least one JSON line", "no rows")
+    return records
+
+
+def _record_from_mapping(path, line, obj: Mapping, columns, parse_label) -> Record:
+    record: Record = {}
+    for field, key in columns.items():
+        if field == "label" and parse_label is None:
+            continue
+        if key not in obj:
+            raise DataError(path, line, key, f"a field named {key!r} (for {field})", f"keys {sorted(obj)}")
+        raw = obj[key]
+        if field == "label":
+            try:
+                record["label"] = parse_label(raw)
+            except ValueError as err:
+                raise DataError(path, line, key, str(err), raw) from None
+        else:
+            if not isinstance(raw, str):
+                raise DataError(path, line, key, "a string", raw)
+            record[field] = raw.strip()
+    return record
+
+
+def read_conll(path: str | Path, *, parse_label: Callable[[Any], Any], delimiter: str = "\t") -> list[Record]:
+    """Reads ``token<TAB>tag`` lines, one sentence per blank-line-separated block."""
+    path = Path(path)
+    _check_nonempty(path)
+    records: list[Record] = []
+    tokens: list[str] = []
+    tags: list[int] = []
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            text = text.rstrip("\n").rstrip("\r")
+            if not text.strip():
+                if tokens:
+                    records.append({"tokens": tokens, "tags": tags})
+                    tokens, tags = [], []
+                continue
+            parts = text.split(delimiter)
+            if len(parts) < 2 or not parts[0]:
+                raise DataError(path, line, None, "a line 'token<TAB>tag'", text)
+            try:
+                tags.append(parse_label(parts[-1].strip()))
+            except ValueError as err:
+                raise DataError(path, line, 1, str(err), parts[-1]) from None
+            tokens.append(parts[0])
+    if tokens:
+        records.append({"tokens": tokens, "tags": tags})
+    if not records:
+        raise DataError(path, None, None, "at least one sentence", "no tokens")
+    return records
+
+
+def read_fasttext(path: str | Path, *, parse_label: Callable[[Any], Any], prefix: str = "__label__") -> list[Record]:
+    """Reads fastText lines ``__label__X text``."""
+    path = Path(path)
+    _check_nonempty(path)
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            head, _, body = text.strip().partition(" ")
+            if not head.startswith(prefix) or not body.strip():
+                raise DataError(path, line, None, f"'{prefix}LABEL text'", text.strip())
+            try:
+                label = parse_label(head[len(prefix):])
+            except ValueError as err:
+                raise DataError(path, line, "label", str(err), head[len(prefix):]) from None
+            records.append({"text_a": body.strip(), "label": label})
+    if not records:
+        raise DataError(path, None, None, "at least one line", "no rows")
+    return records

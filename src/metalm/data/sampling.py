@@ -1,0 +1,56 @@
+"""Low-resource subsampling: a fraction of a training set or k examples per class.
+
+Stratified by label (by score quintile for regression), seeded with NumPy's PCG64, so
+the same arguments give the same examples on every run and machine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def subsample(labels: Sequence, *, seed: int, fraction: float | None = None, per_class: int | None = None,
+              kind: str = "classification") -> np.ndarray:
+    """Indices (sorted) of a stratified subsample.
+
+    Args:
+        labels: one label per example: class indices, scores (``kind="regression"``) or,
+            for token tasks, anything (no stratification).
+        seed: the sampling seed.
+        fraction: keep this fraction of each stratum (at least one example per stratum).
+        per_class: keep this many examples of each stratum (all of a smaller one).
+        kind: the task kind, which decides the strata.
+
+    Returns:
+        Sorted indices into ``labels``.
+    """
+    if (fraction is None) == (per_class is None):
+        raise ValueError("give exactly one of fraction or per_class")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    n = len(labels)
+    if fraction == 1.0:
+        return np.arange(n)
+    strata = _strata(labels, kind)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        members = members[rng.permutation(len(members))]
+        take = per_class if per_class is not None else max(1, int(round(len(members) * fraction)))
+        chosen.append(members[:take])
+    return np.sort(np.concatenate(chosen))
+
+
+def _strata(labels: Sequence, kind: str) -> np.ndarray:
+    if kind == "token_classification":
+        return np.zeros(len(labels), dtype=int)
+    if kind == "regression":
+        scores = np.asarray(labels, dtype=float)
+        edges = np.quantile(scores, [0.2, 0.4, 0.6, 0.8])
+        return np.searchsorted(edges, scores, side="right")
+    return np.asarray(labels)

@@ -1,0 +1,1 @@
+"""Learning: task samplers and algorithms that write gradients (the loop applies them)."""

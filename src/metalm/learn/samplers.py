@@ -1,0 +1,80 @@
+"""Task samplers: which task's batch trains next.
+
+A sampler draws from a categorical distribution over task names with its own seeded
+NumPy generator, whose state goes into checkpoints (JSON-serialisable).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+class Sampler(Protocol):
+    names: tuple[str, ...]
+
+    def sample(self) -> str: ...
+    def update(self, feedback: Mapping) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
+class CategoricalSampler:
+    """Fixed probabilities over tasks.
+
+    Args:
+        probabilities: task name -> probability (normalised here).
+        seed: seed of the sampler's own generator.
+    """
+
+    def __init__(self, probabilities: Mapping[str, float], *, seed: int):
+        total = float(sum(probabilities.values()))
+        if total <= 0 or any(p < 0 for p in probabilities.values()):
+            raise ValueError(f"task probabilities must be non-negative with a positive sum, got {dict(probabilities)}")
+        self.names = tuple(probabilities)
+        self.probabilities = np.array([probabilities[n] / total for n in self.names])
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> str:
+        return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+
+    def update(self, feedback: Mapping) -> None:
+        """Fixed distributions ignore feedback."""
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def size_probabilities(sizes: Mapping[str, int], *, kind: str, temperature: float = 1.0,
+                       weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Task probabilities from dataset sizes.
+
+    Args:
+        sizes: task name -> number of training examples.
+        kind: ``uniform``; ``proportional`` (p ∝ n, Dou §2.4 PPS); ``temperature``
+            (p ∝ n^(1/T): T=1 is proportional, large T tends to uniform); ``weights`` (given).
+        temperature: T for ``temperature``.
+        weights: explicit task -> weight for ``weights``.
+    """
+    names: Sequence[str] = list(sizes)
+    if kind == "uniform":
+        raw = {n: 1.0 for n in names}
+    elif kind == "proportional":
+        raw = {n: float(sizes[n]) for n in names}
+    elif kind == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        raw = {n: float(sizes[n]) ** (1.0 / temperature) for n in names}
+    elif kind == "weights":
+        if not weights or set(weights) != set(names):
+            raise ValueError(f"sampler weights must name every task exactly: tasks {sorted(names)}, "
+                             f"weights {sorted(weights or {})}")
+        raw = dict(weights)
+    else:
+        raise ValueError(f"unknown sampler kind {kind!r} (uniform, proportional, temperature, weights)")
+    total = sum(raw.values())
+    return {n: raw[n] / total for n in names}

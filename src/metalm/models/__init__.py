@@ -1,0 +1,1 @@
+"""Models: encoder loading and the shared encoder with one head per task."""

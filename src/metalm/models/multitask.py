@@ -1,0 +1,96 @@
+"""One shared encoder with one head per task.
+
+``forward(task, batch)`` runs the encoder, pools (sentence kinds) and applies the task's
+head, so ``torch.func.functional_call(model, params, (task, batch))`` works unchanged for
+the meta-learning algorithms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metalm.tasks.kinds import is_token_level, make_head, task_loss
+
+HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder and a ``ModuleDict`` of task heads.
+
+    Args:
+        encoder: a Hugging Face encoder returning ``last_hidden_state``.
+        pooling: ``cls`` (first token) or ``mean`` (mean over non-padding tokens).
+    """
+
+    def __init__(self, encoder: nn.Module, *, pooling: str = "cls"):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.heads = nn.ModuleDict()
+        self.kinds: dict[str, str] = {}
+        self.num_labels: dict[str, int] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def add_task(self, name: str, kind: str, num_labels: int) -> None:
+        """Adds a freshly initialised head (no-op if a head of the same shape exists)."""
+        if name in self.heads:
+            if self.kinds[name] != kind or self.num_labels[name] != num_labels:
+                raise ValueError(f"task {name}: a head of another kind/size exists")
+            return
+        self.heads[name] = make_head(kind, self.hidden_size, num_labels)
+        self.kinds[name] = kind
+        self.num_labels[name] = num_labels
+
+    def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of ``task``'s head: (B, C) per sentence or (B, T, C) per token."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        hidden = self.encoder(**inputs).last_hidden_state  # (B, T, H)
+        if not is_token_level(self.kinds[task]):
+            hidden = self._pool(hidden, batch["attention_mask"])  # (B, H)
+        return self.heads[task](hidden)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def loss(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return task_loss(self.kinds[task], self(task, batch), batch["labels"])
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        """Encoder in Hugging Face format (``folder/encoder``) plus the heads as safetensors."""
+        folder = Path(folder)
+        self.encoder.save_pretrained(folder / "encoder")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder / "encoder")
+        state = {k: v.contiguous() for k, v in self.heads.state_dict().items()}
+        save_file(state, str(folder / HEADS_FILE))
+        meta = {"pooling": self.pooling, "tasks": {n: {"kind": self.kinds[n], "num_labels": self.num_labels[n]}
+                                                    for n in self.heads}}
+        (folder / HEADS_META).write_text(json.dumps(meta, indent=1))
+
+
+def is_metalm_folder(path: str | Path) -> bool:
+    return (Path(path) / HEADS_META).exists()
+
+
+def load_heads(model: MultiTaskModel, folder: str | Path) -> None:
+    """Adds the heads saved by ``save_pretrained`` to ``model`` (weights included)."""
+    folder = Path(folder)
+    meta = json.loads((folder / HEADS_META).read_text())
+    for name, info in meta["tasks"].items():
+        model.add_task(name, info["kind"], info["num_labels"])
+    if meta["tasks"]:
+        model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))

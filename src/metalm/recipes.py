@@ -1,0 +1,116 @@
+"""Recipes: joint multi-task training and fine-tuning, composed from the builders and the loop.
+
+Each returns plain results and writes its run folder; the CLI and the experiment runner
+call them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks
+from metalm.config import to_dict
+from metalm.learn.algorithms import build_algorithm
+from metalm.learn.samplers import CategoricalSampler
+from metalm.schema import FinetuneConfig, TrainConfig
+from metalm.tasks.registry import get_task_spec
+from metalm.train.checkpoint import write_text_atomic
+from metalm.train.loop import train_loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, on_step=None,
+              tensorboard: bool = True) -> Path:
+    """Joint multi-task training; returns the folder of the final model (``output_dir/final``).
+
+    With ``resume``, continues from the newest checkpoint in ``output_dir``; a run that
+    already finished returns its final folder without training again.
+    """
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if resume and (final / "heads.json").exists():
+        return final
+    settings = cfg.train
+    if not settings.tasks:
+        raise ValueError("train.tasks is empty: name at least one task")
+    model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
+    tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)
+    add_heads(model, tasks, seed=cfg.seed)
+    optimizer, scheduler = build_optimization(model, settings.optim, steps=settings.steps)
+    sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+    seed_everything(cfg.seed)
+    eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
+                  if all(s in task.splits for s in task.spec.eval_splits)}
+    train_loop(model=model, tasks=tasks, algorithm=build_algorithm(settings.algorithm), sampler=sampler,
+               optimizer=optimizer, scheduler=scheduler, steps=settings.steps, batch_size=settings.batch_size,
+               tasks_per_step=settings.tasks_per_step, seed=cfg.seed, run_dir=out,
+               clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
+               checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
+               eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard)
+    tmp = out / ".final-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, tokenizer=tokenizer)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    scores: dict[str, dict[str, float]]
+    """split -> metric -> value, after the last epoch."""
+    curve: list[dict]
+    """Per-epoch evaluations: {"epoch": e, "<split>/<metric>": value, ...}."""
+    train_size: int
+
+
+def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: bool = True) -> FinetuneResult:
+    """Fine-tunes on ``cfg.task`` (subsampled by ``fraction`` or ``per_class``) and scores each epoch."""
+    spec = get_task_spec(cfg.task)
+    model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
+    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
+    if cfg.per_class is not None:
+        task = task.subsampled(seed=cfg.seed, per_class=cfg.per_class)
+    elif cfg.fraction < 1.0:
+        task = task.subsampled(seed=cfg.seed, fraction=cfg.fraction)
+    settings = cfg.finetune
+    if spec.name in model.heads and not settings.reuse_head:
+        del model.heads[spec.name]
+        model.kinds.pop(spec.name)
+        model.num_labels.pop(spec.name)
+    add_heads(model, {spec.name: task}, seed=cfg.seed)
+    steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
+    steps = steps_per_epoch * settings.epochs
+    optimizer, scheduler = build_optimization(model, settings.optim, steps=steps)
+    splits = settings.eval_splits or spec.eval_splits
+    seed_everything(cfg.seed)
+    result = train_loop(model=model, tasks={spec.name: task}, algorithm=build_algorithm("multitask"),
+                        sampler=CategoricalSampler({spec.name: 1.0}, seed=cfg.seed), optimizer=optimizer,
+                        scheduler=scheduler, steps=steps, batch_size=settings.batch_size, seed=cfg.seed,
+                        run_dir=cfg.output_dir, clip_norm=settings.optim.clip_norm, log_every=steps_per_epoch,
+                        eval_every=steps_per_epoch, eval_tasks={spec.name: tuple(splits)}, progress=progress,
+                        tensorboard=tensorboard)
+    prefix = f"{spec.name}/"
+    curve = [{"epoch": i + 1, **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}}
+             for i, e in enumerate(result.evaluations)]
+    final: dict[str, dict[str, float]] = {}
+    for key, value in curve[-1].items():
+        if key != "epoch":
+            split, metric = key.split("/", 1)
+            final.setdefault(split, {})[metric] = value
+    return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"))

@@ -1,0 +1,172 @@
+"""The configuration schema: frozen dataclasses that YAML files and ``key=value`` overrides fill.
+
+Every field has a default where one makes sense and a one-line docstring. Builders
+(``metalm.builders``) turn these into objects; nothing below them sees a config object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metalm.tasks.spec import TaskSpec
+
+TaskRef = str | TaskSpec
+"""A registered task name, a path to a task YAML file, or an inline task definition."""
+
+
+def default_data_root() -> str:
+    return os.environ.get("METALM_DATA", "data")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("METALM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "metalm"))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = "minilm"
+    """'minilm' (offline all-MiniLM-L6-v2), a named random size (tiny, mini, small, medium, base), a Hub id or a folder."""
+    tokenizer: str | None = None
+    """Tokenizer for named random sizes (default: minilm's)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """Sentence vector: the first token's state or the mean over tokens."""
+    max_length: int = 128
+    """Truncation length in tokens."""
+    dropout: float | None = None
+    """Override the encoder's dropout."""
+    attn_implementation: str | None = None
+    """'eager' or 'sdpa'; default: the library's choice."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = field(default_factory=default_data_root)
+    """Data root for {root} in task paths (env METALM_DATA, default ./data)."""
+    glue: str | None = None
+    """GLUE folder in the standard layout for {glue} (default {root}/glue)."""
+    source: Literal["files", "hub"] = "files"
+    """Read built-in tasks from local files or from the Hugging Face Hub."""
+    cache_dir: str | None = field(default_factory=default_cache_dir)
+    """Tokenised-data cache (env METALM_CACHE); null disables it."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: Literal["uniform", "proportional", "temperature", "weights"] = "proportional"
+    """Task distribution: uniform, proportional to size, size^(1/T), or given weights."""
+    temperature: float = 1.0
+    """T for kind=temperature."""
+    weights: dict[str, float] | None = None
+    """Task -> weight for kind=weights."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not on biases / LayerNorm)."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps of linear warmup, followed by linear decay to 0."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    tasks: tuple[TaskRef, ...] = ()
+    """Tasks trained jointly."""
+    algorithm: str = "multitask"
+    """Algorithm producing the gradients of each step."""
+    steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 32
+    """Examples per batch."""
+    tasks_per_step: int = 1
+    """Episodes (task batches) per step."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log_every: int = 10
+    """Log training statistics every this many steps."""
+    checkpoint_every: int = 200
+    """Checkpoint every this many steps (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluate every task's dev split every this many steps (0: at the end only)."""
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    epochs: int = 3
+    """Passes over the (subsampled) training split."""
+    batch_size: int = 16
+    """Examples per batch."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))
+    eval_splits: tuple[str, ...] | None = None
+    """Splits to score (default: the task's eval splits)."""
+    reuse_head: bool = False
+    """Start from the task's head when the initial model has one."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`metalm train`: joint training of one encoder on several tasks."""
+
+    train: TrainSettings
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    init: str | None = None
+    """Start from a metalm model folder (a previous run's `final`)."""
+    seed: int = 0
+    """Seeds initialisation, batches, sampling and dropout."""
+    output_dir: str = "runs/train"
+    """Run folder: checkpoints, metrics.jsonl, tb/, final/."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`metalm finetune`: fine-tune on one target task, optionally on a fraction of its data."""
+
+    task: TaskRef
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    init: str | None = None
+    """A metalm model folder to start from (default: the encoder as loaded)."""
+    fraction: float = 1.0
+    """Fraction of the training split, stratified and seeded."""
+    per_class: int | None = None
+    """Instead of a fraction: k examples per class."""
+    seed: int = 0
+    output_dir: str = "runs/finetune"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+    """Row name in the results table."""
+    train: TrainSettings | None = None
+    """The training stage before fine-tuning; null: fine-tune the encoder as loaded."""
+    init: str | None = None
+    """Use an existing metalm model folder instead of training."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """`metalm experiment`: every method x target x fraction x seed, fine-tuned and scored."""
+
+    methods: tuple[MethodConfig, ...]
+    targets: tuple[TaskRef, ...]
+    fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    stage_seed: int = 0
+    """Seed of the methods' training stages (fine-tuning uses `seeds`)."""
+    output_dir: str = "runs/experiment"
+    title: str = "metalm experiment"
+    """Heading of the results table."""

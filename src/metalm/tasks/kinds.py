@@ -1,0 +1,45 @@
+"""What each task kind needs from a model: a head, a loss and predictions.
+
+Functions first: ``make_head``, ``task_loss`` and ``predict`` dispatch on the kind and are
+what the model, the algorithms and evaluation call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # token positions without a label (sub-word continuations, special tokens, padding)
+
+
+def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 0.1) -> nn.Module:
+    """A dropout + linear head; sentence kinds read a pooled vector, token kinds every position."""
+    out = 1 if kind == "regression" else num_labels
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, out))
+
+
+def is_token_level(kind: str) -> bool:
+    return kind == "token_classification"
+
+
+def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification kinds, mean squared error for regression.
+
+    Args:
+        logits: (B, C) for sentence classification, (B,) or (B, 1) for regression,
+            (B, T, C) for token classification.
+        labels: (B,) class indices or scores, or (B, T) tag indices with IGNORE_INDEX.
+    """
+    if kind == "regression":
+        return F.mse_loss(logits.reshape(-1), labels.float())
+    if kind == "token_classification":
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, labels)
+
+
+def predict(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """Scores (regression) or argmax class indices."""
+    if kind == "regression":
+        return logits.reshape(-1)
+    return logits.argmax(dim=-1)

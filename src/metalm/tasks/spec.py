@@ -1,0 +1,171 @@
+"""What a task is, as data: where its files are, how to read them, its kind and metrics.
+
+A ``TaskSpec`` is what a user writes in YAML for their own task, and what the built-in
+registry holds for GLUE, minBERT, SentEval and WNUT-16. Paths may use ``{root}`` (the data
+root) and ``{glue}`` (the GLUE folder, ``{root}/glue`` unless set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from metalm import config as cfg
+from metalm.data.errors import DataError
+from metalm.data.hub import read_hub
+from metalm.data.readers import Record, label_parser, read_conll, read_delimited, read_fasttext, read_jsonl
+
+Kind = Literal["classification", "pair_classification", "regression", "token_classification"]
+Format = Literal["tsv", "csv", "jsonl", "conll", "fasttext", "hub"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the same task lives on the Hugging Face Hub."""
+
+    path: str
+    """Dataset id (``nyu-mll/glue``) or a builder name (``csv``, ``json``) for local files."""
+    name: str | None = None
+    """Dataset configuration (``rte``)."""
+    splits: dict[str, str] = field(default_factory=dict)
+    """Our split name -> the dataset's split name (``dev: validation``)."""
+    columns: dict[str, str] | None = None
+    """Column mapping on the Hub when it differs from the file columns."""
+    data_files: dict[str, str] | None = None
+    """For builder names: the dataset's split name -> local file."""
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A labelled task: files, columns, kind, labels and metrics."""
+
+    name: str
+    """Unique name; also the name of the task's head."""
+    kind: Kind
+    """classification (one sentence), pair_classification, regression (pair scores), token_classification."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Split name -> file path. ``all`` with ``split_ratios`` splits one file, seeded."""
+    format: Format = "tsv"
+    """File format."""
+    columns: dict[str, str | int] = field(default_factory=dict)
+    """Record field (text_a, text_b, label) -> header name or 0-based column index."""
+    header: bool = True
+    """Whether delimited files start with a header line."""
+    quoting: Literal["none", "csv"] = "none"
+    """``none``: quotes are text (GLUE tsv); ``csv``: standard CSV quoting."""
+    comment_prefix: str | None = None
+    """Skip lines starting with this prefix."""
+    labels: tuple[str, ...] | None = None
+    """Label names in index order (classification kinds)."""
+    metrics: tuple[str, ...] = ("accuracy",)
+    """Metrics to report, the first being the headline metric."""
+    eval_splits: tuple[str, ...] = ("dev",)
+    """Splits that evaluation reports by default."""
+    split_ratios: dict[str, float] | None = None
+    """For ``files: {all: ...}``: split name -> fraction (e.g. train 0.8, dev 0.2)."""
+    split_seed: int = 0
+    """Seed of that split."""
+    hub: HubSource | None = None
+    """The same task on the Hub (used when the data source is ``hub``)."""
+    description: str = ""
+
+    def __post_init__(self):
+        if self.kind in ("classification", "pair_classification", "token_classification") and not self.labels:
+            raise cfg.ConfigError(f"task {self.name}: kind {self.kind} needs a list of labels")
+        if self.kind != "token_classification" and self.format != "hub" and "text_a" not in self.columns \
+                and self.format not in ("fasttext", "conll"):
+            raise cfg.ConfigError(f"task {self.name}: columns needs text_a")
+        if self.kind == "pair_classification" and self.format not in ("hub",) and "text_b" not in self.columns:
+            raise cfg.ConfigError(f"task {self.name}: a pair task needs columns.text_b")
+        if "all" in self.files and not self.split_ratios:
+            raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.labels or ())
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        if self.split_ratios:
+            return tuple(self.split_ratios)
+        if self.format == "hub" and self.hub is not None:
+            return tuple(self.hub.splits)
+        return tuple(self.files)
+
+
+def resolve_path(template: str, *, root: str | Path, glue: str | Path | None = None) -> Path:
+    """Expands ``{root}`` and ``{glue}`` in a task file path."""
+    glue = glue if glue is not None else Path(root) / "glue"
+    return Path(template.format(root=root, glue=glue)).expanduser()
+
+
+def file_paths(spec: TaskSpec, *, root: str | Path, glue: str | Path | None = None) -> dict[str, Path]:
+    """The spec's files with ``{root}``/``{glue}`` expanded."""
+    return {split: resolve_path(p, root=root, glue=glue) for split, p in spec.files.items()}
+
+
+def read_split(spec: TaskSpec, split: str, *, root: str | Path, glue: str | Path | None = None,
+               source: str = "files") -> list[Record]:
+    """Reads one split of a task as records (no tokenisation)."""
+    parse = _parser(spec)
+    if source == "hub" or spec.format == "hub":
+        if spec.hub is None:
+            raise cfg.ConfigError(f"task {spec.name}: no Hub source is registered for it")
+        hub = spec.hub
+        if split not in hub.splits:
+            raise cfg.ConfigError(f"task {spec.name}: no Hub split for {split!r} (have {sorted(hub.splits)})")
+        return read_hub(hub.path, name=hub.name, split=hub.splits[split], columns=hub.columns or spec.columns,
+                        parse_label=parse, data_files=hub.data_files, revision=hub.revision)
+    if spec.split_ratios:
+        records = _read_file(spec, resolve_path(spec.files["all"], root=root, glue=glue), parse)
+        parts = split_records(records, spec.split_ratios, seed=spec.split_seed)
+        if split not in parts:
+            raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(parts)})")
+        return parts[split]
+    if split not in spec.files:
+        raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(spec.files)})")
+    return _read_file(spec, resolve_path(spec.files[split], root=root, glue=glue), parse)
+
+
+def _parser(spec: TaskSpec):
+    return label_parser("score" if spec.kind == "regression" else "class", spec.labels)
+
+
+def _read_file(spec: TaskSpec, path: Path, parse) -> list[Record]:
+    if spec.format in ("tsv", "csv"):
+        return read_delimited(path, columns=spec.columns, parse_label=parse,
+                              delimiter="\t" if spec.format == "tsv" else ",", header=spec.header,
+                              quoting=spec.quoting, comment_prefix=spec.comment_prefix)
+    if spec.format == "jsonl":
+        return read_jsonl(path, columns=spec.columns, parse_label=parse)
+    if spec.format == "conll":
+        return read_conll(path, parse_label=parse)
+    if spec.format == "fasttext":
+        return read_fasttext(path, parse_label=parse)
+    raise DataError(path, None, None, "a known format", spec.format)
+
+
+def split_records(records: list[Record], ratios: Mapping[str, float], *, seed: int) -> dict[str, list[Record]]:
+    """Splits records into named parts by ratio, after a seeded shuffle (same on every run)."""
+    import numpy as np
+
+    total = sum(ratios.values())
+    order = np.random.default_rng(seed).permutation(len(records))
+    parts, start = {}, 0
+    names = list(ratios)
+    for i, name in enumerate(names):
+        end = len(records) if i == len(names) - 1 else start + int(round(len(records) * ratios[name] / total))
+        parts[name] = [records[j] for j in order[start:end]]
+        start = end
+    return parts
+
+
+def load_spec_file(path: str | Path) -> TaskSpec:
+    """Reads a user's task definition from YAML."""
+    return cfg.parse(TaskSpec, cfg.read_yaml(path), where=str(path))
+
+
+def spec_from_mapping(data: Mapping[str, Any], where: str = "task") -> TaskSpec:
+    return cfg.parse(TaskSpec, dict(data), where=where)

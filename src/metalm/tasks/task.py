@@ -1,0 +1,124 @@
+"""A loaded task: its spec plus tokenised splits, and what it takes to batch, score and subsample.
+
+``load_task`` reads each split (from files or the Hub), tokenises it once through the Arrow
+cache and returns a ``Task``. Losses and predictions dispatch on ``spec.kind``
+(``metalm.tasks.kinds``); metrics come from ``metalm.tasks.metrics``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from metalm import config as cfg
+from metalm.config import to_dict
+from metalm.data.batching import Batch, collate
+from metalm.data.cache import cached_columns, file_digest
+from metalm.data.sampling import subsample
+from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
+from metalm.tasks import metrics
+from metalm.tasks.kinds import is_token_level
+from metalm.tasks.spec import TaskSpec, read_split, resolve_path
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task ready for training: tokenised columns per split."""
+
+    spec: TaskSpec
+    splits: dict[str, dict[str, list]]
+    pad_id: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def size(self, split: str = "train") -> int:
+        return len(self._columns(split)["input_ids"])
+
+    def batch(self, split: str, indices: Sequence[int]) -> Batch:
+        return collate(self._columns(split), indices, pad_id=self.pad_id)
+
+    def labels(self, split: str) -> list:
+        return self._columns(split)["labels"]
+
+    def _columns(self, split: str) -> dict[str, list]:
+        if split not in self.splits:
+            raise cfg.ConfigError(f"task {self.name}: split {split!r} is not loaded (have {sorted(self.splits)})")
+        return self.splits[split]
+
+    def score(self, predictions: list, references: list) -> dict[str, float]:
+        """The spec's metrics; token tasks pass per-sentence lists of tag indices."""
+        if self.kind == "token_classification":
+            names = self.spec.labels
+            predictions = [[names[t] for t in seq] for seq in predictions]
+            references = [[names[t] for t in seq] for seq in references]
+        return metrics.compute(self.spec.metrics, predictions, references)
+
+    def subsampled(self, *, seed: int, fraction: float | None = None, per_class: int | None = None,
+                   split: str = "train") -> "Task":
+        """The same task with a stratified, seeded subsample of one split."""
+        columns = self._columns(split)
+        labels = columns["labels"] if not is_token_level(self.kind) else [0] * self.size(split)
+        keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
+        reduced = {key: [values[i] for i in keep] for key, values in columns.items()}
+        return replace(self, splits={**self.splits, split: reduced})
+
+
+def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path | None = None,
+              source: str = "files", cache_dir: str | Path | None = None, max_length: int = 128,
+              splits: Sequence[str] | None = None) -> Task:
+    """Reads, checks and tokenises the task's splits (cached by content).
+
+    Args:
+        spec: the task.
+        tokenizer: a Hugging Face tokenizer.
+        root: data root, expanded for ``{root}`` in file paths.
+        glue: GLUE folder (``{root}/glue`` when None).
+        source: ``files`` or ``hub``.
+        cache_dir: Arrow cache folder, or None for no cache.
+        max_length: truncation length in tokens.
+        splits: which splits to load (all of the spec's by default).
+    """
+    wanted = tuple(splits) if splits is not None else spec.splits
+    tok_id = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
+              "vocab": len(tokenizer)}
+    loaded = {}
+    for split in wanted:
+        key = {"spec": to_dict(spec), "split": split, "source": source, "tokenizer": tok_id,
+               "max_length": max_length, "files": _digests(spec, root, glue, source)}
+
+        def build(split=split):
+            records = read_split(spec, split, root=root, glue=glue, source=source)
+            return tokenize_records(records, tokenizer, max_length=max_length,
+                                    token_level=is_token_level(spec.kind), desc=f"{spec.name}/{split}")
+
+        loaded[split] = cached_columns(key, build, cache_dir)
+    return Task(spec=spec, splits=loaded, pad_id=tokenizer.pad_token_id or 0)
+
+
+def _digests(spec: TaskSpec, root, glue, source) -> dict[str, str]:
+    if source == "hub" or spec.format == "hub":
+        return {}
+    digests = {}
+    for split, template in spec.files.items():
+        path = resolve_path(template, root=root, glue=glue)
+        digests[split] = file_digest(path) if path.exists() else "missing"
+    return digests
+
+
+def gather_tokens(predictions: np.ndarray, labels: np.ndarray) -> tuple[list, list]:
+    """Per-sentence tag sequences at labelled positions: predictions (B, T), labels (B, T)."""
+    preds, refs = [], []
+    for p_row, l_row in zip(predictions, labels):
+        keep = l_row != IGNORE_INDEX
+        preds.append(p_row[keep].tolist())
+        refs.append(l_row[keep].tolist())
+    return preds, refs

@@ -1,0 +1,123 @@
+"""The training loop every method shares.
+
+Each step: the sampler picks tasks, their batch streams give support and query batches, the
+algorithm writes gradients, and the loop clips, steps the optimiser and scheduler, logs,
+evaluates and checkpoints. Everything a step depends on (model, optimiser, scheduler,
+sampler, streams, RNG) is in the checkpoint, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from metalm.data.batching import BatchStream
+from metalm.learn.algorithms import Algorithm, Episode
+from metalm.learn.samplers import Sampler
+from metalm.tasks.task import Task
+from metalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metalm.train.evaluate import evaluate
+from metalm.train.logging import RunLogger
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last_loss: float
+    evaluations: list[dict] = field(default_factory=list)
+
+
+def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int) -> dict[str, BatchStream]:
+    """One seeded stream per task over its training split (seed offset by task order)."""
+    sizes = batch_size if isinstance(batch_size, Mapping) else {n: batch_size for n in tasks}
+    return {name: BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i)
+            for i, (name, task) in enumerate(tasks.items())}
+
+
+def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: Algorithm, sampler: Sampler,
+               optimizer: torch.optim.Optimizer, scheduler, steps: int, batch_size: int | Mapping[str, int],
+               seed: int, run_dir: str | Path, tasks_per_step: int = 1, clip_norm: float | None = 1.0,
+               log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
+               eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
+               progress: bool = True, on_step: Callable[[int], None] | None = None,
+               tensorboard: bool = True) -> LoopResult:
+    """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
+
+    Args:
+        tasks_per_step: episodes per step (the meta-batch; 1 for plain multi-task training).
+        eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
+        checkpoint_every: checkpoint every this many steps and at the end (0: never).
+        on_step: called with the step number after each step (tests use it to simulate a kill).
+    """
+    streams = make_streams(tasks, batch_size=batch_size, seed=seed)
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        for name, stream_state in state["streams"].items():
+            streams[name].load_state_dict(stream_state)
+    logger = RunLogger(run_dir, resume_step=start if checkpoint is not None else None, tensorboard=tensorboard)
+    result = LoopResult(step=start, last_loss=float("nan"))
+    model.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress or None,
+               dynamic_ncols=True)
+    try:
+        for step in bar:
+            episodes = [_episode(sampler.sample(), tasks, streams, algorithm.support_batches)
+                        for _ in range(tasks_per_step)]
+            optimizer.zero_grad(set_to_none=True)
+            stats = algorithm.step(model, episodes)
+            grad_norm = _clip(model, clip_norm)
+            optimizer.step()
+            scheduler.step()
+            sampler.update({"tasks": [e.task for e in episodes], **stats})
+            done = step + 1
+            result.step, result.last_loss = done, stats.get("loss", float("nan"))
+            if log_every and (done % log_every == 0 or done == steps):
+                logger.log({"event": "train", "step": done, "task": episodes[0].task,
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
+                bar.set_postfix(loss=f"{result.last_loss:.4f}")
+            if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
+                record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks)}
+                logger.log(record)
+                result.evaluations.append(record)
+                model.train()
+            if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()}}
+                save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
+            if on_step is not None:
+                on_step(done)
+    finally:
+        bar.close()
+        logger.close()
+    return result
+
+
+def _episode(name: str, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream], support: int) -> Episode:
+    task, stream = tasks[name], streams[name]
+    batches = [task.batch("train", stream.next_indices()) for _ in range(support + 1)]
+    return Episode(task=name, support=tuple(batches[:-1]), query=batches[-1])
+
+
+def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if clip_norm is None or clip_norm <= 0:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+
+
+def _evaluate_all(model, tasks: Mapping[str, Task], eval_tasks: Mapping[str, tuple[str, ...]]) -> dict:
+    record = {}
+    for name, splits in eval_tasks.items():
+        for split in splits:
+            for metric, value in evaluate(model, tasks[name], split).items():
+                record[f"{name}/{split}/{metric}"] = value
+    return record
