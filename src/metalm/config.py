@@ -153,7 +153,6 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     ``tasks=[cola,rte]`` and ``optim.lr=3e-5`` both work; a key path through a non-mapping
     is an error.
     """
-    data = dict(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -167,17 +166,26 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
         if isinstance(value, str) and _looks_numeric(value):
             value = float(value)  # YAML 1.1 reads 3e-5 as a string; a user means a number
-        node = data
-        for i, k in enumerate(keys[:-1]):
-            child = node.get(k, {})
-            if child is None:
-                child = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(keys[: i + 1])} is not a mapping")
-            node[k] = child = dict(child)
-            node = child
-        node[keys[-1]] = value
+        data = _set_path(data, keys, value, item)
     return data
+
+
+def _set_path(node: Any, keys: list[str], value: Any, item: str) -> Any:
+    """A copy of ``node`` with ``value`` at ``keys``; a numeric key indexes a list (``methods.1.name``)."""
+    key, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if not key.isdigit() or int(key) >= len(node):
+            raise ConfigError(f"override {item!r}: {key!r} is not an index of a list of {len(node)}")
+        copy = list(node)
+        copy[int(key)] = _set_path(copy[int(key)], rest, value, item) if rest else value
+        return copy
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: cannot set {key!r} inside {node!r}")
+    copy = dict(node)
+    copy[key] = _set_path(copy.get(key), rest, value, item) if rest else value
+    return copy
 
 
 def _looks_numeric(text: str) -> bool:

@@ -6,6 +6,7 @@ call them.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -79,10 +80,19 @@ class FinetuneResult:
     train_size: int
 
 
-def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: bool = True) -> FinetuneResult:
-    """Fine-tunes on ``cfg.task`` (subsampled by ``fraction`` or ``per_class``) and scores each epoch."""
+def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: bool = True,
+                 initial: tuple | None = None) -> FinetuneResult:
+    """Fine-tunes on ``cfg.task`` (subsampled by ``fraction`` or ``per_class``) and scores each epoch.
+
+    Args:
+        initial: an already built (model, tokenizer) for ``cfg.encoder``/``cfg.init``; the model is
+            copied, not changed. Sweeps pass it to avoid reloading the encoder for every run.
+    """
     spec = get_task_spec(cfg.task)
-    model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
+    if initial is not None:
+        model, tokenizer = copy.deepcopy(initial[0]), initial[1]
+    else:
+        model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
     task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
     if cfg.per_class is not None:
         task = task.subsampled(seed=cfg.seed, per_class=cfg.per_class)

@@ -62,6 +62,17 @@ def label_parser(kind: str, labels: tuple[str, ...] | None) -> Callable[[Any], i
     return parse_class
 
 
+def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) pairs; a line that does not decode is a DataError naming it."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                context = raw[max(0, err.start - 20):err.end + 20]
+                raise DataError(path, number, None, f"{encoding} text (set the task's encoding)", context) from None
+
+
 def _check_nonempty(path: Path) -> None:
     if not path.exists():
         raise DataError(path, None, None, "an existing file", "no such file")
@@ -78,6 +89,8 @@ def read_delimited(
     header: bool = True,
     quoting: str = "none",
     comment_prefix: str | None = None,
+    encoding: str = "utf-8",
+    skip_unlabelled: bool = False,
 ) -> list[Record]:
     """Reads a TSV/CSV file whose columns are named (with a header) or indexed (without).
 
@@ -90,39 +103,42 @@ def read_delimited(
         header: whether the first non-comment line is a header.
         quoting: ``"none"`` (GLUE tsv: quotes are text) or ``"csv"`` (standard CSV quoting).
         comment_prefix: lines starting with it are skipped (e.g. ``#`` in SimLex).
+        encoding: text encoding of the file.
+        skip_unlabelled: drop rows whose label field is empty instead of failing on them.
     """
     path = Path(path)
     _check_nonempty(path)
     records: list[Record] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        lines = _without_comments(handle, comment_prefix)
-        mode = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
-        reader = csv.reader(lines.iter(), delimiter=delimiter, quoting=mode)
-        wanted = {f: c for f, c in columns.items() if f != "label" or parse_label is not None}
-        positions: dict[str, int] = {}
-        if header:
-            names = next(reader, None)
-            if names is None:
-                raise DataError(path, None, None, "a header line and at least one row", "only comments")
-            names = [n.strip() for n in names]
-            for field, col in wanted.items():
-                positions[field] = _header_position(path, lines.line, names, field, col)
-        else:
-            positions = {field: col for field, col in wanted.items() if isinstance(col, int)}
-            named = [c for c in wanted.values() if not isinstance(c, int)]
-            if named:
-                raise DataError(path, None, named[0], "a column index (the file has no header)", named[0])
-        width = max(positions.values(), default=-1) + 1
-        for row in reader:
-            line = lines.line
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            if len(row) < width:
-                raise DataError(
-                    path, line, None,
-                    f"a row with at least {width} {_sep_name(delimiter)}-separated fields", f"{len(row)} field(s)",
-                )
-            records.append(_make_record(path, line, row, positions, columns, parse_label))
+    lines = _without_comments(read_lines(path, encoding), comment_prefix)
+    mode = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
+    reader = csv.reader(lines.iter(), delimiter=delimiter, quoting=mode)
+    wanted = {f: c for f, c in columns.items() if f != "label" or parse_label is not None}
+    positions: dict[str, int] = {}
+    if header:
+        names = next(reader, None)
+        if names is None:
+            raise DataError(path, None, None, "a header line and at least one row", "only comments")
+        names = [n.strip() for n in names]
+        for field, col in wanted.items():
+            positions[field] = _header_position(path, lines.line, names, field, col)
+    else:
+        positions = {field: col for field, col in wanted.items() if isinstance(col, int)}
+        named = [c for c in wanted.values() if not isinstance(c, int)]
+        if named:
+            raise DataError(path, None, named[0], "a column index (the file has no header)", named[0])
+    width = max(positions.values(), default=-1) + 1
+    for row in reader:
+        line = lines.line
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank line
+        if len(row) < width:
+            raise DataError(
+                path, line, None,
+                f"a row with at least {width} {_sep_name(delimiter)}-separated fields", f"{len(row)} field(s)",
+            )
+        if skip_unlabelled and "label" in positions and not row[positions["label"]].strip():
+            continue  # an unlabelled row in a labelled file, dropped on request
+        records.append(_make_record(path, line, row, positions, columns, parse_label))
     if not records:
         raise DataError(path, None, None, "at least one data row", "no rows")
     return records
@@ -159,35 +175,34 @@ def _make_record(path, line, row, positions, columns, parse_label) -> Record:
 class _without_comments:
     """Feeds lines to csv.reader, skipping comments and keeping the physical line number."""
 
-    def __init__(self, handle, prefix: str | None):
-        self.handle, self.prefix, self.line = handle, prefix, 0
+    def __init__(self, numbered_lines: Iterator[tuple[int, str]], prefix: str | None):
+        self.numbered_lines, self.prefix, self.line = numbered_lines, prefix, 0
 
     def iter(self) -> Iterator[str]:
-        for text in self.handle:
-            self.line += 1
+        for self.line, text in self.numbered_lines:
             if self.prefix and text.startswith(self.prefix):
                 continue
             yield text
 
 
 def read_jsonl(
-    path: str | Path, *, columns: Mapping[str, str | int], parse_label: Callable[[Any], Any] | None
+    path: str | Path, *, columns: Mapping[str, str | int], parse_label: Callable[[Any], Any] | None,
+    encoding: str = "utf-8",
 ) -> list[Record]:
     """Reads one JSON object per line; ``columns`` maps record fields to object keys."""
     path = Path(path)
     _check_nonempty(path)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(path, line, None, f"a JSON object ({err.msg})", text.strip()) from None
-            if not isinstance(obj, dict):
-                raise DataError(path, line, None, "a JSON object", obj)
-            records.append(_record_from_mapping(path, line, obj, columns, parse_label))
+    for line, text in read_lines(path, encoding):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(path, line, None, f"a JSON object ({err.msg})", text.strip()) from None
+        if not isinstance(obj, dict):
+            raise DataError(path, line, None, "a JSON object", obj)
+        records.append(_record_from_mapping(path, line, obj, columns, parse_label))
     if not records:
         raise DataError(path, None, None, "at least one JSON line", "no rows")
     return records
@@ -213,29 +228,29 @@ def _record_from_mapping(path, line, obj: Mapping, columns, parse_label) -> Reco
     return record
 
 
-def read_conll(path: str | Path, *, parse_label: Callable[[Any], Any], delimiter: str = "\t") -> list[Record]:
+def read_conll(path: str | Path, *, parse_label: Callable[[Any], Any], delimiter: str = "\t",
+               encoding: str = "utf-8") -> list[Record]:
     """Reads ``token<TAB>tag`` lines, one sentence per blank-line-separated block."""
     path = Path(path)
     _check_nonempty(path)
     records: list[Record] = []
     tokens: list[str] = []
     tags: list[int] = []
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            text = text.rstrip("\n").rstrip("\r")
-            if not text.strip():
-                if tokens:
-                    records.append({"tokens": tokens, "tags": tags})
-                    tokens, tags = [], []
-                continue
-            parts = text.split(delimiter)
-            if len(parts) < 2 or not parts[0]:
-                raise DataError(path, line, None, "a line 'token<TAB>tag'", text)
-            try:
-                tags.append(parse_label(parts[-1].strip()))
-            except ValueError as err:
-                raise DataError(path, line, 1, str(err), parts[-1]) from None
-            tokens.append(parts[0])
+    for line, text in read_lines(path, encoding):
+        text = text.rstrip("\n").rstrip("\r")
+        if not text.strip():
+            if tokens:
+                records.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        parts = text.split(delimiter)
+        if len(parts) < 2 or not parts[0]:
+            raise DataError(path, line, None, "a line 'token<TAB>tag'", text)
+        try:
+            tags.append(parse_label(parts[-1].strip()))
+        except ValueError as err:
+            raise DataError(path, line, 1, str(err), parts[-1]) from None
+        tokens.append(parts[0])
     if tokens:
         records.append({"tokens": tokens, "tags": tags})
     if not records:
@@ -243,23 +258,55 @@ def read_conll(path: str | Path, *, parse_label: Callable[[Any], Any], delimiter
     return records
 
 
-def read_fasttext(path: str | Path, *, parse_label: Callable[[Any], Any], prefix: str = "__label__") -> list[Record]:
+def read_fasttext(path: str | Path, *, parse_label: Callable[[Any], Any], prefix: str = "__label__",
+                  encoding: str = "utf-8") -> list[Record]:
     """Reads fastText lines ``__label__X text``."""
     path = Path(path)
     _check_nonempty(path)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            head, _, body = text.strip().partition(" ")
-            if not head.startswith(prefix) or not body.strip():
-                raise DataError(path, line, None, f"'{prefix}LABEL text'", text.strip())
-            try:
-                label = parse_label(head[len(prefix):])
-            except ValueError as err:
-                raise DataError(path, line, "label", str(err), head[len(prefix):]) from None
-            records.append({"text_a": body.strip(), "label": label})
+    for line, text in read_lines(path, encoding):
+        if not text.strip():
+            continue
+        head, _, body = text.strip().partition(" ")
+        if not head.startswith(prefix) or not body.strip():
+            raise DataError(path, line, None, f"'{prefix}LABEL text'", text.strip())
+        try:
+            label = parse_label(head[len(prefix):])
+        except ValueError as err:
+            raise DataError(path, line, "label", str(err), head[len(prefix):]) from None
+        records.append({"text_a": body.strip(), "label": label})
     if not records:
         raise DataError(path, None, None, "at least one line", "no rows")
+    return records
+
+
+def read_analogy(path: str | Path, *, parse_label: Callable[[Any], Any], encoding: str = "utf-8") -> list[Record]:
+    """Word pairs labelled with their relation, from word2vec's ``questions-words.txt`` format.
+
+    Sections start with ``: category``; each line ``a b c d`` holds two pairs of that
+    category, (a, b) and (c, d). Every distinct pair becomes one record, in file order.
+    """
+    path = Path(path)
+    _check_nonempty(path)
+    records, seen, category = [], set(), None
+    for line, text in read_lines(path, encoding):
+        text = text.strip()
+        if not text:
+            continue
+        if text.startswith(":"):
+            name = text[1:].strip()
+            try:
+                category = parse_label(name)
+            except ValueError as err:
+                raise DataError(path, line, "category", str(err), name) from None
+            continue
+        words = text.split()
+        if category is None or len(words) != 4:
+            raise DataError(path, line, None, "': category' then lines of four words", text)
+        for a, b in ((words[0], words[1]), (words[2], words[3])):
+            if (a, b, category) not in seen:
+                seen.add((a, b, category))
+                records.append({"text_a": a, "text_b": b, "label": category})
+    if not records:
+        raise DataError(path, None, None, "at least one analogy line", "none")
     return records

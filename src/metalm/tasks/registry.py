@@ -87,7 +87,8 @@ _BUILTIN: list[TaskSpec] = [
              files={"train": "{root}/minbert/ids-sst-train.csv", "dev": "{root}/minbert/ids-sst-dev.csv"},
              columns={"text_a": "sentence", "label": "sentiment"}, labels=("0", "1", "2", "3", "4"),
              metrics=("accuracy",), description="SST-5: five-class sentiment (minBERT files)"),
-    TaskSpec(name="quora", kind="pair_classification", quoting="csv",
+    # quora-dev.csv has 2 rows with an empty is_duplicate (minBERT's own reader skips them).
+    TaskSpec(name="quora", kind="pair_classification", quoting="csv", skip_unlabelled=True,
              files={"all": "{root}/minbert/quora-dev.csv"},
              columns={"text_a": "sentence1", "text_b": "sentence2", "label": "is_duplicate"},
              labels=BINARY, metrics=("accuracy", "f1"),
@@ -130,3 +131,30 @@ def get_task_spec(ref: str | TaskSpec | dict) -> TaskSpec:
         return load_spec_file(ref)
     raise cfg.ConfigError(f"unknown task {ref!r}: not a registered task ({', '.join(sorted(REGISTRY))}) "
                           "nor a YAML task file")
+
+
+# --- Embedded demo tasks: English data shipped inside the gensim package (no network, no shared/) ---
+ANALOGY_RELATIONS = ("capital-common-countries", "capital-world", "currency", "city-in-state", "family",
+                     "gram1-adjective-to-adverb", "gram2-opposite", "gram3-comparative", "gram4-superlative",
+                     "gram5-present-participle", "gram6-nationality-adjective", "gram7-past-tense",
+                     "gram8-plural", "gram9-plural-verbs")
+_DEMO = [
+    TaskSpec(name="polarity", kind="classification", format="fasttext",
+             files={"all": "{gensim}/pang_lee_polarity.cor"}, labels=("neg", "pos"), metrics=("accuracy",),
+             encoding="cp1252",
+             split_ratios={"train": 0.5, "dev": 0.5},
+             description="200 movie-review sentences (Pang & Lee), split 100/100; gensim test data"),
+    TaskSpec(name="simlex", kind="regression", header=False, comment_prefix="#",
+             files={"all": "{gensim}/simlex999.txt"}, columns={"text_a": 0, "text_b": 1, "label": 2},
+             metrics=("spearman", "pearson"), split_ratios={"train": 0.8, "dev": 0.2},
+             description="SimLex-999 word-pair similarity (0-10); gensim test data"),
+    TaskSpec(name="wordsim", kind="regression", header=False, comment_prefix="#",
+             files={"all": "{gensim}/wordsim353.tsv"}, columns={"text_a": 0, "text_b": 1, "label": 2},
+             metrics=("spearman", "pearson"), split_ratios={"train": 0.8, "dev": 0.2},
+             description="WordSim-353 word-pair relatedness (0-10); gensim test data"),
+    TaskSpec(name="analogy", kind="pair_classification", format="analogy",
+             files={"all": "{gensim}/questions-words.txt"}, labels=ANALOGY_RELATIONS,
+             metrics=("accuracy", "macro_f1"), split_ratios={"train": 0.8, "dev": 0.2},
+             description="relation of a word pair (14 classes) from word2vec's analogy questions; gensim test data"),
+]
+REGISTRY.update({spec.name: spec for spec in _DEMO})

@@ -14,10 +14,11 @@ from typing import Any, Literal, Mapping
 from metalm import config as cfg
 from metalm.data.errors import DataError
 from metalm.data.hub import read_hub
-from metalm.data.readers import Record, label_parser, read_conll, read_delimited, read_fasttext, read_jsonl
+from metalm.data.readers import (Record, label_parser, read_analogy, read_conll, read_delimited, read_fasttext,
+                                 read_jsonl)
 
 Kind = Literal["classification", "pair_classification", "regression", "token_classification"]
-Format = Literal["tsv", "csv", "jsonl", "conll", "fasttext", "hub"]
+Format = Literal["tsv", "csv", "jsonl", "conll", "fasttext", "analogy", "hub"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class TaskSpec:
     """``none``: quotes are text (GLUE tsv); ``csv``: standard CSV quoting."""
     comment_prefix: str | None = None
     """Skip lines starting with this prefix."""
+    skip_unlabelled: bool = False
+    """Delimited files: drop rows whose label field is empty instead of failing on them."""
     labels: tuple[str, ...] | None = None
     """Label names in index order (classification kinds)."""
     metrics: tuple[str, ...] = ("accuracy",)
@@ -69,15 +72,18 @@ class TaskSpec:
     """Seed of that split."""
     hub: HubSource | None = None
     """The same task on the Hub (used when the data source is ``hub``)."""
+    encoding: str = "utf-8"
+    """Text encoding of the task's files."""
     description: str = ""
 
     def __post_init__(self):
         if self.kind in ("classification", "pair_classification", "token_classification") and not self.labels:
             raise cfg.ConfigError(f"task {self.name}: kind {self.kind} needs a list of labels")
         if self.kind != "token_classification" and self.format != "hub" and "text_a" not in self.columns \
-                and self.format not in ("fasttext", "conll"):
+                and self.format not in ("fasttext", "conll", "analogy"):
             raise cfg.ConfigError(f"task {self.name}: columns needs text_a")
-        if self.kind == "pair_classification" and self.format not in ("hub",) and "text_b" not in self.columns:
+        if self.kind == "pair_classification" and self.format not in ("hub", "analogy") \
+                and "text_b" not in self.columns:
             raise cfg.ConfigError(f"task {self.name}: a pair task needs columns.text_b")
         if "all" in self.files and not self.split_ratios:
             raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
@@ -96,9 +102,19 @@ class TaskSpec:
 
 
 def resolve_path(template: str, *, root: str | Path, glue: str | Path | None = None) -> Path:
-    """Expands ``{root}`` and ``{glue}`` in a task file path."""
+    """Expands ``{root}``, ``{glue}`` and ``{gensim}`` (gensim's bundled test data) in a task file path."""
     glue = glue if glue is not None else Path(root) / "glue"
-    return Path(template.format(root=root, glue=glue)).expanduser()
+    gensim = gensim_data_dir() if "{gensim}" in template else ""
+    return Path(template.format(root=root, glue=glue, gensim=gensim)).expanduser()
+
+
+def gensim_data_dir() -> Path:
+    """The folder of English test data that ships inside the gensim package."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError as err:
+        raise RuntimeError("the embedded demo data needs `pip install gensim`") from err
+    return Path(datapath("lee.cor")).parent
 
 
 def file_paths(spec: TaskSpec, *, root: str | Path, glue: str | Path | None = None) -> dict[str, Path]:
@@ -137,13 +153,16 @@ def _read_file(spec: TaskSpec, path: Path, parse) -> list[Record]:
     if spec.format in ("tsv", "csv"):
         return read_delimited(path, columns=spec.columns, parse_label=parse,
                               delimiter="\t" if spec.format == "tsv" else ",", header=spec.header,
-                              quoting=spec.quoting, comment_prefix=spec.comment_prefix)
+                              quoting=spec.quoting, comment_prefix=spec.comment_prefix, encoding=spec.encoding,
+                              skip_unlabelled=spec.skip_unlabelled)
     if spec.format == "jsonl":
-        return read_jsonl(path, columns=spec.columns, parse_label=parse)
+        return read_jsonl(path, columns=spec.columns, parse_label=parse, encoding=spec.encoding)
     if spec.format == "conll":
-        return read_conll(path, parse_label=parse)
+        return read_conll(path, parse_label=parse, encoding=spec.encoding)
     if spec.format == "fasttext":
-        return read_fasttext(path, parse_label=parse)
+        return read_fasttext(path, parse_label=parse, encoding=spec.encoding)
+    if spec.format == "analogy":
+        return read_analogy(path, parse_label=parse, encoding=spec.encoding)
     raise DataError(path, None, None, "a known format", spec.format)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from metalm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""The ``metalm`` command: argument and config parsing only; recipes do the work.
+
+    metalm demo                                   the main job on embedded offline data
+    metalm train CONFIG [key=value ...] [--resume]
+    metalm finetune CONFIG [key=value ...]
+    metalm experiment CONFIG [key=value ...]
+    metalm evaluate --model DIR --task TASK [--split dev]
+    metalm tasks                                  list the built-in tasks
+    metalm check CONFIG ...                       validate config files
+
+CONFIG is a YAML path or the name of a shipped config (``demo``, ``glue_rte``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from metalm import config as cfg
+from metalm.data.errors import DataError
+
+SHIPPED = Path(__file__).parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def resolve_config(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    if name in shipped_configs():
+        return shipped_configs()[name]
+    raise cfg.ConfigError(f"config {name!r}: no such file, nor a shipped config ({', '.join(shipped_configs())})")
+
+
+def config_class(data: dict):
+    """Which schema a config file follows, from its top-level keys."""
+    from metalm.schema import ExperimentConfig, FinetuneConfig, TrainConfig
+    from metalm.tasks.spec import TaskSpec
+
+    if "methods" in data:
+        return ExperimentConfig
+    if "train" in data:
+        return TrainConfig
+    if "task" in data:
+        return FinetuneConfig
+    if "kind" in data and "name" in data:
+        return TaskSpec
+    raise cfg.ConfigError("cannot tell the config's kind: expected a top-level 'methods' (experiment), "
+                          "'train' (train), 'task' (finetune) or 'kind' (task definition)")
+
+
+def _load(schema, name: str, overrides: list[str]):
+    return cfg.load(schema, resolve_config(name), overrides)
+
+
+def cmd_train(args) -> None:
+    from metalm.recipes import run_train
+    from metalm.schema import TrainConfig
+
+    final = run_train(_load(TrainConfig, args.config, args.overrides), resume=args.resume)
+    print(f"final model: {final}")
+
+
+def cmd_finetune(args) -> None:
+    from metalm.recipes import run_finetune
+    from metalm.schema import FinetuneConfig
+
+    config = _load(FinetuneConfig, args.config, args.overrides)
+    result = run_finetune(config)
+    print(json.dumps({"train_size": result.train_size, "scores": result.scores}, indent=1))
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.output_dir) / "scores.json").write_text(
+        json.dumps({"scores": result.scores, "curve": result.curve, "train_size": result.train_size}, indent=1))
+
+
+def cmd_experiment(args) -> None:
+    from metalm.experiments.runner import run_experiment
+    from metalm.schema import ExperimentConfig
+
+    _, paths = run_experiment(_load(ExperimentConfig, args.config, args.overrides))
+    print()
+    print(paths["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_demo(args) -> None:
+    args.config = "demo"
+    cmd_experiment(args)
+
+
+def cmd_evaluate(args) -> None:
+    from metalm.builders import build_model, build_tasks
+    from metalm.schema import DataConfig, EncoderConfig
+    from metalm.tasks.registry import get_task_spec
+    from metalm.train.evaluate import evaluate
+
+    data = cfg.parse(DataConfig, cfg.apply_overrides({}, args.overrides), where="data")
+    model, tokenizer = build_model(EncoderConfig(), seed=0, init=args.model)
+    spec = get_task_spec(args.task)
+    if spec.name not in model.heads:
+        raise cfg.ConfigError(f"model {args.model} has no head for task {spec.name} (has {sorted(model.heads)})")
+    splits = [args.split] if args.split else list(spec.eval_splits)
+    task = build_tasks([spec], tokenizer, data=data, max_length=args.max_length, splits=splits)[spec.name]
+    print(json.dumps({split: evaluate(model, task, split) for split in splits}, indent=1))
+
+
+def cmd_tasks(args) -> None:
+    from metalm.tasks.registry import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name, spec in REGISTRY.items():
+        print(f"{name:<{width}}  {spec.kind:<20} {', '.join(spec.metrics):<18} {spec.description}")
+
+
+def cmd_check(args) -> None:
+    for name in args.configs:
+        data = cfg.apply_overrides(cfg.read_yaml(resolve_config(name)), args.overrides)
+        schema = config_class(data)
+        cfg.parse(schema, data, where=str(name))
+        print(f"{name}: valid {schema.__name__}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML file or shipped config name")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+        p.set_defaults(fn=fn)
+        return p
+
+    with_config("train", cmd_train, "joint multi-task training").add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    with_config("finetune", cmd_finetune, "fine-tune on one target task")
+    with_config("experiment", cmd_experiment, "method x target x fraction x seed sweep, table and plot")
+    demo = sub.add_parser("demo", help="the main job on embedded offline data (MiniLM, ~5 min on 2 cores)")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    demo.set_defaults(fn=cmd_demo)
+    ev = sub.add_parser("evaluate", help="score a saved model on a task")
+    ev.add_argument("--model", required=True, help="a metalm model folder (a run's final/)")
+    ev.add_argument("--task", required=True, help="task name or YAML file")
+    ev.add_argument("--split", default=None, help="split (default: the task's eval splits)")
+    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("overrides", nargs="*", help="data settings, e.g. root=../data")
+    ev.set_defaults(fn=cmd_evaluate)
+    sub.add_parser("tasks", help="list built-in tasks").set_defaults(fn=cmd_tasks)
+    check = sub.add_parser("check", help="validate config files")
+    check.add_argument("configs", nargs="+")
+    check.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    check.set_defaults(fn=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        args.fn(args)
+    except (cfg.ConfigError, DataError) as err:
+        print(f"metalm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiments: method x target x data fraction x seed sweeps, tables and plots."""

@@ -1,0 +1,114 @@
+"""Results of a sweep as tables (markdown, CSV, JSON) of mean ± std over seeds, and a plot.
+
+A result row is ``{"method", "target", "fraction", "seed", "split", "metric", "value"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from metalm.train.checkpoint import write_text_atomic
+
+
+def aggregate(rows: Iterable[dict]) -> list[dict]:
+    """Mean, sample std (0 for one seed) and count over seeds, per method/target/fraction/split/metric."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        key = (row["method"], row["target"], row["fraction"], row["split"], row["metric"])
+        groups[key].append(float(row["value"]))
+    out = []
+    for (method, target, fraction, split, metric), values in groups.items():
+        v = np.asarray(values)
+        out.append({"method": method, "target": target, "fraction": fraction, "split": split, "metric": metric,
+                    "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)})
+    return out
+
+
+def markdown_table(summary: Sequence[dict], *, headline: dict[str, tuple[str, str]], methods: Sequence[str],
+                   title: str = "", scale: float = 100.0, note: str = "") -> str:
+    """Methods as rows, (target, fraction) as columns, headline metric as mean ± std.
+
+    Args:
+        headline: target -> (split, metric) shown in its columns.
+        scale: multiply scores (100 gives the usual GLUE percentages).
+    """
+    cells = {(r["method"], r["target"], r["fraction"]): r for r in summary
+             if (r["split"], r["metric"]) == headline.get(r["target"])}
+    columns = sorted({(t, f) for _, t, f in cells}, key=lambda c: (list(headline).index(c[0]), c[1]))
+    header = ["method"] + [f"{t} {headline[t][1]} @{_fraction(f)}" for t, f in columns]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        row = [method]
+        for target, fraction in columns:
+            r = cells.get((method, target, fraction))
+            row.append("–" if r is None else f"{r['mean'] * scale:.1f} ± {r['std'] * scale:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    n = {r["n"] for r in cells.values()}
+    lines += ["", f"mean ± std over {'/'.join(map(str, sorted(n)))} seed(s); scores × {scale:g}"
+              + (f"; {note}" if note else "")]
+    return "\n".join(lines)
+
+
+def _fraction(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[str, tuple[str, str]],
+                  methods: Sequence[str], title: str, note: str = "") -> dict[str, Path]:
+    """Writes results.md, results.csv, results.json and scores.png; returns their paths."""
+    out_dir = Path(out_dir)
+    summary = aggregate(rows)
+    table = markdown_table(summary, headline=headline, methods=methods, title=title, note=note)
+    paths = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv",
+             "json": out_dir / "results.json", "plot": out_dir / "scores.png"}
+    write_text_atomic(paths["markdown"], table + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["method", "target", "fraction", "split", "metric", "mean", "std", "n"])
+    writer.writeheader()
+    writer.writerows(summary)
+    write_text_atomic(paths["csv"], buffer.getvalue())
+    write_text_atomic(paths["json"], json.dumps({"title": title, "summary": summary, "runs": list(rows)}, indent=1))
+    plot_scores(summary, paths["plot"], headline=headline, methods=methods, title=title)
+    return paths
+
+
+def plot_scores(summary: Sequence[dict], path: Path, *, headline: dict[str, tuple[str, str]],
+                methods: Sequence[str], title: str) -> None:
+    """One panel per target: headline score against training-data fraction, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(headline)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 3.6), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        split, metric = headline[target]
+        for method in methods:
+            points = sorted((r["fraction"], r["mean"], r["std"]) for r in summary
+                            if r["method"] == method and r["target"] == target
+                            and r["split"] == split and r["metric"] == metric)
+            if not points:
+                continue
+            x, y, e = (np.array(v) for v in zip(*points))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of training data")
+        ax.set_ylabel(f"{metric} ({split})")
+        ax.set_title(target)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

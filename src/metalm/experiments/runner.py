@@ -1,0 +1,73 @@
+"""The sweep: for each method, its training stage (once), then fine-tuning on every target,
+data fraction and seed. Each finished fine-tune is a JSON file, so a killed sweep resumes
+where it stopped and later issues only add methods.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from metalm.builders import build_model
+from metalm.config import to_dict
+from metalm.experiments.report import write_reports
+from metalm.recipes import run_finetune, run_train
+from metalm.schema import ExperimentConfig, FinetuneConfig, MethodConfig, TrainConfig
+from metalm.tasks.registry import get_task_spec
+from metalm.train.checkpoint import write_text_atomic
+
+
+def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) -> str | None:
+    """The model folder a method fine-tunes from (training it first, resumably, when needed)."""
+    if method.init is not None:
+        return method.init
+    if method.train is None:
+        return None
+    train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=cfg.stage_seed,
+                            output_dir=str(Path(cfg.output_dir) / "methods" / _slug(method.name)))
+    return str(run_train(train_cfg, resume=True, progress=progress))
+
+
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[list[dict], dict[str, Path]]:
+    """Runs (or resumes) the sweep; returns the result rows and the report paths."""
+    names = [m.name for m in cfg.methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+    specs = [get_task_spec(t) for t in cfg.targets]
+    jobs = [(m, s, f, seed) for m in cfg.methods for s in specs for f in cfg.fractions for seed in cfg.seeds]
+    rows: list[dict] = []
+    inits: dict[str, str | None] = {}
+    models: dict[str, tuple] = {}  # method -> (model, tokenizer) as loaded, copied for each run
+    bar = tqdm(jobs, desc="fine-tune runs", disable=not progress or None, dynamic_ncols=True)
+    for method, spec, fraction, seed in bar:
+        bar.set_postfix_str(f"{method.name} / {spec.name} @{fraction:g} seed {seed}")
+        path = out / "results" / _slug(method.name) / spec.name / f"fraction-{fraction:g}" / f"seed-{seed}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+        else:
+            if method.name not in inits:
+                inits[method.name] = method_init(cfg, method, progress=progress)
+                models = {method.name: build_model(cfg.encoder, seed=cfg.stage_seed, init=inits[method.name])}
+            ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=cfg.finetune,
+                                    init=inits[method.name], fraction=fraction, seed=seed,
+                                    output_dir=str(path.with_suffix("")))
+            res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
+            result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size}
+            write_text_atomic(path, json.dumps(result, indent=1))
+        for split, metrics in result["scores"].items():
+            for metric, value in metrics.items():
+                rows.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
+                             "split": split, "metric": metric, "value": value, "train_size": result["train_size"]})
+    bar.close()
+    headline = {s.name: ((cfg.finetune.eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
+    note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
+    return rows, write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-").lower()

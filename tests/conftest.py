@@ -1,0 +1,51 @@
+"""Shared fixtures: the offline data root, the offline MiniLM tokenizer and a fresh cache folder.
+
+The data root is ``$METALM_DATA`` or ``<project root>/../shared/data``. Tests that need it fail
+(rather than skip) when it is missing, so a misconfigured run cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("METALM_DATA") or PROJECT_ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not DATA_ROOT.is_dir():
+        pytest.fail(
+            f"offline data folder not found: {DATA_ROOT} "
+            "(set METALM_DATA to the folder holding glue/, minbert/, senteval/, ner/)",
+            pytrace=False,
+        )
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from metalm.models.encoder import load_tokenizer
+
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """A cache folder that does not exist yet (the cache creates it when it writes)."""
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def hf_datasets_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Keeps ``datasets.load_dataset``'s own cache inside the test's tmp folder."""
+    import datasets
+
+    folder = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder
