@@ -76,7 +76,8 @@ class FinetuneResult:
     scores: dict[str, dict[str, float]]
     """split -> metric -> value, after the last epoch."""
     curve: list[dict]
-    """Per-epoch evaluations: {"epoch": e, "<split>/<metric>": value, ...}."""
+    """Evaluations during training: {"epoch": e, "<split>/<metric>": value, ...} (one per epoch, or
+    only the last when ``eval_each_epoch`` is off)."""
     train_size: int
 
 
@@ -105,19 +106,21 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
         model.num_labels.pop(spec.name)
     add_heads(model, {spec.name: task}, seed=cfg.seed)
     steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
-    steps = steps_per_epoch * settings.epochs
+    steps = max(steps_per_epoch * settings.epochs, settings.min_steps)
+    # With min_steps, an "epoch" of the curve is the same fraction of the run as without it.
+    eval_every = math.ceil(steps / settings.epochs) if settings.eval_each_epoch else steps
     optimizer, scheduler = build_optimization(model, settings.optim, steps=steps)
     splits = settings.eval_splits or spec.eval_splits
     seed_everything(cfg.seed)
     result = train_loop(model=model, tasks={spec.name: task}, algorithm=build_algorithm("multitask"),
                         sampler=CategoricalSampler({spec.name: 1.0}, seed=cfg.seed), optimizer=optimizer,
                         scheduler=scheduler, steps=steps, batch_size=settings.batch_size, seed=cfg.seed,
-                        run_dir=cfg.output_dir, clip_norm=settings.optim.clip_norm, log_every=steps_per_epoch,
-                        eval_every=steps_per_epoch, eval_tasks={spec.name: tuple(splits)}, progress=progress,
+                        run_dir=cfg.output_dir, clip_norm=settings.optim.clip_norm, log_every=eval_every,
+                        eval_every=eval_every, eval_tasks={spec.name: tuple(splits)}, progress=progress,
                         tensorboard=tensorboard)
     prefix = f"{spec.name}/"
-    curve = [{"epoch": i + 1, **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}}
-             for i, e in enumerate(result.evaluations)]
+    curve = [{"epoch": round(e["step"] / steps * settings.epochs, 3),
+              **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}} for e in result.evaluations]
     final: dict[str, dict[str, float]] = {}
     for key, value in curve[-1].items():
         if key != "epoch":

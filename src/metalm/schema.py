@@ -102,6 +102,10 @@ class TrainSettings:
 class FinetuneSettings:
     epochs: int = 3
     """Passes over the (subsampled) training split."""
+    min_steps: int = 0
+    """At least this many optimiser steps (more epochs for tiny low-resource subsets)."""
+    eval_each_epoch: bool = True
+    """Score the eval splits after every epoch (the per-epoch curves); false: only at the end."""
     batch_size: int = 16
     """Examples per batch."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -89,7 +90,7 @@ def plot_scores(summary: Sequence[dict], path: Path, *, headline: dict[str, tupl
     import matplotlib.pyplot as plt
 
     targets = list(headline)
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(6.0, 4.5 * len(targets)), 4.0), squeeze=False)
     for ax, target in zip(axes[0], targets):
         split, metric = headline[target]
         for method in methods:
@@ -106,7 +107,7 @@ def plot_scores(summary: Sequence[dict], path: Path, *, headline: dict[str, tupl
         ax.set_title(target)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
     fig.savefig(tmp, dpi=110)
