@@ -38,6 +38,13 @@ def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
     return MultiTaskModel(backbone, pooling=encoder.pooling), tokenizer
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_tasks(refs: Sequence[TaskRef], tokenizer, *, data: DataConfig, max_length: int,
                 splits: Sequence[str] | None = None) -> dict[str, Task]:
     tasks = {}

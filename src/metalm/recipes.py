@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks
+from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks, resolve_device
 from metalm.config import to_dict
 from metalm.learn.algorithms import build_algorithm
 from metalm.learn.samplers import CategoricalSampler
@@ -48,6 +48,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
     tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)
     add_heads(model, tasks, seed=cfg.seed)
+    model.to(resolve_device(cfg.device))
     optimizer, scheduler = build_optimization(model, settings.optim, steps=settings.steps)
     sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
         model.kinds.pop(spec.name)
         model.num_labels.pop(spec.name)
     add_heads(model, {spec.name: task}, seed=cfg.seed)
+    model.to(resolve_device(cfg.device))
     steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
     steps = max(steps_per_epoch * settings.epochs, settings.min_steps)
     # With min_steps, an "epoch" of the curve is the same fraction of the run as without it.

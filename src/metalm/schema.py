@@ -126,6 +126,8 @@ class TrainConfig:
     """Start from a metalm model folder (a previous run's `final`)."""
     seed: int = 0
     """Seeds initialisation, batches, sampling and dropout."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     output_dir: str = "runs/train"
     """Run folder: checkpoints, metrics.jsonl, tb/, final/."""
 
@@ -145,6 +147,8 @@ class FinetuneConfig:
     per_class: int | None = None
     """Instead of a fraction: k examples per class."""
     seed: int = 0
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ..."""
     output_dir: str = "runs/finetune"
 
 
@@ -171,6 +175,8 @@ class ExperimentConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     stage_seed: int = 0
     """Seed of the methods' training stages (fine-tuning uses `seeds`)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ..."""
     output_dir: str = "runs/experiment"
     title: str = "metalm experiment"
     """Heading of the results table."""

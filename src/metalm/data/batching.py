@@ -36,6 +36,12 @@ def collate(columns: Mapping[str, list], indices: Sequence[int], *, pad_id: int)
     return batch
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class BatchStream:
     """Endless shuffled batches of row indices; its whole state is (epoch, position).
 

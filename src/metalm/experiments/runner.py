@@ -26,6 +26,7 @@ def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) 
     if method.train is None:
         return None
     train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=cfg.stage_seed,
+                            device=cfg.device,
                             output_dir=str(Path(cfg.output_dir) / "methods" / _slug(method.name)))
     return str(run_train(train_cfg, resume=True, progress=progress))
 
@@ -54,7 +55,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
                 inits[method.name] = method_init(cfg, method, progress=progress)
                 models = {method.name: build_model(cfg.encoder, seed=cfg.stage_seed, init=inits[method.name])}
             ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=cfg.finetune,
-                                    init=inits[method.name], fraction=fraction, seed=seed,
+                                    init=inits[method.name], fraction=fraction, seed=seed, device=cfg.device,
                                     output_dir=str(path.with_suffix("")))
             res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
             result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size}

@@ -34,13 +34,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": [version, list(internal), gauss]}
+    state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict) -> None:
-    raw = base64.b64decode(state["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -103,7 +114,8 @@ def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, optimizer: to
     """Restores model, optimiser, scheduler and RNG states; returns the JSON state."""
     folder = Path(folder)
     state = json.loads((folder / "state.json").read_text())
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
+    device = next(model.parameters()).device
+    load_model(model, str(folder / "model.safetensors"), strict=True, device=str(device))
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from metalm.data.batching import to_device
 from metalm.tasks.kinds import predict, task_loss
 from metalm.tasks.task import Task, gather_tokens
 
@@ -14,9 +15,10 @@ def predict_split(model, task: Task, split: str, *, batch_size: int = 64) -> tup
     was_training = model.training
     model.eval()
     preds, refs, loss_sum = [], [], 0.0
+    device = next(model.parameters()).device
     n = task.size(split)
     for start in range(0, n, batch_size):
-        batch = task.batch(split, range(start, min(n, start + batch_size)))
+        batch = to_device(task.batch(split, range(start, min(n, start + batch_size))), device)
         logits = model(task.name, batch)
         loss_sum += task_loss(task.kind, logits, batch["labels"]).item() * len(batch["input_ids"])
         p = predict(task.kind, logits).cpu().numpy()

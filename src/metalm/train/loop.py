@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from metalm.data.batching import BatchStream
+from metalm.data.batching import BatchStream, to_device
 from metalm.learn.algorithms import Algorithm, Episode
 from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
@@ -54,6 +54,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         on_step: called with the step number after each step (tests use it to simulate a kill).
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed)
+    device = next(model.parameters()).device
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
@@ -69,7 +70,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                dynamic_ncols=True)
     try:
         for step in bar:
-            episodes = [_episode(sampler.sample(), tasks, streams, algorithm.support_batches)
+            episodes = [_episode(sampler.sample(), tasks, streams, algorithm.support_batches, device)
                         for _ in range(tasks_per_step)]
             optimizer.zero_grad(set_to_none=True)
             stats = algorithm.step(model, episodes)
@@ -99,9 +100,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     return result
 
 
-def _episode(name: str, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream], support: int) -> Episode:
+def _episode(name: str, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream], support: int,
+             device: torch.device) -> Episode:
     task, stream = tasks[name], streams[name]
-    batches = [task.batch("train", stream.next_indices()) for _ in range(support + 1)]
+    batches = [to_device(task.batch("train", stream.next_indices()), device) for _ in range(support + 1)]
     return Episode(task=name, support=tuple(batches[:-1]), query=batches[-1])
 
 
