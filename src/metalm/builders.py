@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from metalm.learn.samplers import CategoricalSampler, size_probabilities
 from metalm.models.encoder import load_encoder
-from metalm.models.multitask import MultiTaskModel, is_metalm_folder, load_heads
+from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
 from metalm.tasks.task import Task, load_task
@@ -28,8 +30,7 @@ def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
                              "to start from a Hugging Face encoder, set encoder.name instead")
         backbone, tokenizer = load_encoder(f"{init}/encoder", attn_implementation=encoder.attn_implementation,
                                            dropout=encoder.dropout)
-        import json
-        pooling = json.loads(open(f"{init}/heads.json").read())["pooling"]
+        pooling = json.loads((Path(init) / HEADS_META).read_text())["pooling"]
         model = MultiTaskModel(backbone, pooling=pooling)
         load_heads(model, init)
         return model, tokenizer

@@ -71,13 +71,14 @@ def cmd_train(args) -> None:
 def cmd_finetune(args) -> None:
     from metalm.recipes import run_finetune
     from metalm.schema import FinetuneConfig
+    from metalm.train.checkpoint import write_text_atomic
 
     config = _load(FinetuneConfig, args.config, args.overrides)
     result = run_finetune(config)
     print(json.dumps({"train_size": result.train_size, "scores": result.scores}, indent=1))
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.output_dir) / "scores.json").write_text(
-        json.dumps({"scores": result.scores, "curve": result.curve, "train_size": result.train_size}, indent=1))
+    write_text_atomic(Path(config.output_dir) / "scores.json",
+                      json.dumps({"scores": result.scores, "curve": result.curve, "train_size": result.train_size},
+                                 indent=1))
 
 
 def cmd_experiment(args) -> None:
