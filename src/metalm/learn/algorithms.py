@@ -7,12 +7,16 @@ is the algorithm with no support batches: it backpropagates the query loss.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from torch import nn
 
 from metalm.data.batching import Batch
+from metalm.learn.maml import MAML
+from metalm.learn.reptile import Reptile
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,21 @@ class MultiTask:
         return {"loss": total}
 
 
-ALGORITHMS = {"multitask": MultiTask}
+ALGORITHMS = {
+    "multitask": MultiTask,
+    "maml": MAML,
+    "fomaml": functools.partial(MAML, first_order=True),
+    "reptile": Reptile,
+}
 
 
-def build_algorithm(name: str) -> Algorithm:
+def build_algorithm(name: str, **settings) -> Algorithm:
+    """The algorithm ``name`` with its keyword settings (e.g. ``inner_lr``, ``inner_steps``)."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
-    return ALGORITHMS[name]()
+    known = inspect.signature(ALGORITHMS[name]).parameters
+    unknown = [key for key in settings if key not in known]
+    if unknown:
+        raise ValueError(f"algorithm {name!r}: unknown setting(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(known) or 'none'})")
+    return ALGORITHMS[name](**settings)

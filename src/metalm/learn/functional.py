@@ -1,0 +1,131 @@
+"""The functional core of the meta-learning algorithms: parameters in, parameters out.
+
+The inner loop never mutates a module and never copies one. A task's loss is a pure function
+of a parameter dict (``task_loss_fn``, via ``torch.func.functional_call``), and adaptation
+(``adapt``) maps a parameter dict to a new one by plain SGD, Dou et al. (2019) Eq. 1:
+
+    θ_i^(k) = θ_i^(k-1) − α ∇_θ L_i(f_{θ_i^(k-1)})
+
+With ``first_order=False`` the new parameters stay differentiable functions of the old ones
+(``create_graph=True``), so a loss at θ^(k) backpropagates to θ through every inner step
+(second-order MAML). With ``first_order=True`` each inner gradient is detached, θ' = θ − α·g,
+so that path is the identity and ∇_θ L(θ^(k)) = ∇_{θ^(k)} L(θ^(k)) (first-order MAML, Reptile).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metalm.data.batching import Batch
+from metalm.tasks.kinds import task_loss
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Params, Batch], Tensor]
+
+
+def trainable_params(model: nn.Module) -> Params:
+    """The parameters that get gradients, by name (tied weights appear once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def task_loss_fn(model: nn.Module, task: str) -> LossFn:
+    """``loss(params, batch)``: ``task``'s loss with ``params`` substituted into ``model``.
+
+    Names missing from ``params`` (frozen parameters) keep the module's own tensors; buffers
+    always do. Weights tied in ``model`` stay tied (``functional_call``'s ``tie_weights``), so
+    pass each tied tensor once, under the name ``named_parameters`` gives it.
+
+    Args:
+        model: a ``MultiTaskModel`` (``forward(task, batch)`` -> logits, ``kinds[task]``).
+        task: the head to use.
+
+    Returns:
+        A function of (params, batch) returning a scalar loss tensor.
+    """
+    kind = model.kinds[task]
+
+    def loss(params: Params, batch: Batch) -> Tensor:
+        state = {**dict(model.named_buffers()), **params}
+        logits = torch.func.functional_call(model, state, (task, batch))  # (B, C) or (B, T, C)
+        return task_loss(kind, logits, batch["labels"])
+
+    return loss
+
+
+def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float,
+               first_order: bool) -> tuple[Params, Tensor]:
+    """One SGD step on one batch, Dou et al. Eq. 1: θ' = θ − α ∇L(θ).
+
+    Args:
+        loss_fn: ``loss(params, batch)``, e.g. from ``task_loss_fn``.
+        params: the current parameters; entries that do not require grad pass through.
+        batch: the support batch of this step.
+        lr: the inner learning rate α.
+        first_order: detach the gradient (no second derivatives through this step).
+
+    Returns:
+        (new params, the loss at ``params`` detached). Parameters the loss does not reach
+        (another task's head) are passed through as the same tensor objects.
+    """
+    loss = loss_fn(params, batch)
+    names = [name for name, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+    new = dict(params)
+    for name, grad in zip(names, grads):
+        if grad is None:
+            continue
+        # first order: `grad` carries no graph, so dθ'/dθ = I
+        new[name] = params[name] - lr * grad
+    return new, loss.detach()
+
+
+def adapt_with_losses(loss_fn: LossFn, params: Params, support: Sequence[Batch], *, lr: float,
+                      first_order: bool, steps: int | None = None) -> tuple[Params, list[Tensor]]:
+    """``adapt`` that also returns the loss before each inner step (detached scalars)."""
+    steps = len(support) if steps is None else steps
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if steps and not support:
+        raise ValueError(f"{steps} inner steps need at least one support batch, got none")
+    losses = []
+    for k in range(steps):
+        params, loss = inner_step(loss_fn, params, support[k % len(support)], lr=lr, first_order=first_order)
+        losses.append(loss)
+    return params, losses
+
+
+def adapt(loss_fn: LossFn, params: Params, support: Sequence[Batch], *, lr: float, first_order: bool,
+          steps: int | None = None) -> Params:
+    """k inner SGD steps from ``params``, Dou et al. Eq. 1, one per support batch.
+
+    Args:
+        loss_fn: ``loss(params, batch)``, e.g. from ``task_loss_fn``.
+        params: θ^(0); left untouched (a new dict of new tensors comes back).
+        support: the support batches, used in order.
+        lr: the inner learning rate α.
+        first_order: True drops the second derivatives (FOMAML, Reptile); False keeps the
+            adapted parameters differentiable in θ^(0) (MAML).
+        steps: the number of inner steps k; None for one per support batch. With more
+            steps than batches the batches are cycled.
+
+    Returns:
+        θ^(k). Parameters no loss reaches are the same tensor objects as in ``params``.
+    """
+    return adapt_with_losses(loss_fn, params, support, lr=lr, first_order=first_order, steps=steps)[0]
+
+
+def accumulate_grads(params: Params, grads: Params) -> None:
+    """Adds ``grads`` into ``.grad`` of the tensors in ``params`` (the loop zeroes them first).
+
+    Names absent from ``grads`` keep their ``.grad`` (None for a head no episode used, so
+    the optimiser leaves it alone, as with plain backpropagation).
+    """
+    for name, grad in grads.items():
+        p = params[name]
+        if p.grad is None:
+            p.grad = grad.detach().clone()
+        else:
+            p.grad.add_(grad.detach())

@@ -1,0 +1,133 @@
+"""MAML and first-order MAML (Finn et al., 2017), as in Dou et al. (2019) §2.3.
+
+For each episode (task i) the meta-parameters θ are adapted on the support batches by k SGD
+steps (Eq. 1, ``adapt``) and the adapted θ_i^(k) are scored on a different batch, the query.
+The meta-gradient is the mean over the meta-batch of
+
+    MAML:    ∇_θ L_i(f_{θ_i^(k)})          (backpropagated through the k inner steps)
+    FOMAML:  ∇_{θ_i^(k)} L_i(f_{θ_i^(k)})  (the inner steps' Jacobians replaced by I)
+
+Dou et al. write the MetaUpdate with a sum over tasks; the mean differs only by a constant
+factor on β (and none at all under Adam). The training loop's optimiser applies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from metalm.learn.functional import Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
+
+if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
+    from metalm.learn.algorithms import Episode
+
+log = logging.getLogger(__name__)
+
+
+def ensure_double_backward_attention(model: nn.Module) -> None:
+    """Switches a Hugging Face encoder to ``eager`` attention, which second-order MAML needs.
+
+    Fused SDPA kernels have no double backward: on CPU torch dispatches
+    ``_scaled_dot_product_flash_attention_for_cpu`` (its backward is not differentiable,
+    even in float64), and on CUDA the flash / memory-efficient kernels are likewise
+    first-order only. ``eager`` attention is plain matmul + softmax and gives exact second
+    derivatives. The switch is persistent (and numerically equivalent); it is logged.
+    """
+    encoder = getattr(model, "encoder", model)
+    config = getattr(encoder, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None or current == "eager":
+        return
+    if not hasattr(encoder, "set_attn_implementation"):
+        log.warning("second-order MAML: cannot switch attention %r to 'eager'; SDPA runs on its math backend",
+                    current)
+        return
+    encoder.set_attn_implementation("eager")
+    log.info("second-order MAML: switched the encoder's attention from %r to 'eager' "
+             "(fused SDPA kernels have no double backward on CPU or CUDA)", current)
+
+
+def _second_order_context(first_order: bool):
+    """Restricts any remaining SDPA call to the math backend, which supports double backward."""
+    if first_order:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float, first_order: bool,
+               inner_steps: int | None = None) -> tuple[Params, dict[str, float]]:
+    """The MAML (or FOMAML) meta-gradient, averaged over the episodes of a meta-batch.
+
+    ``model`` is not modified (besides, for second order, the attention switch of
+    ``ensure_double_backward_attention``); no copy of it is made.
+
+    Args:
+        model: a ``MultiTaskModel``; its trainable parameters are θ.
+        episodes: the meta-batch; each adapts on ``support`` and is scored on ``query``.
+        inner_lr: the inner learning rate α of Eq. 1.
+        first_order: FOMAML (True) or MAML with second derivatives (False).
+        inner_steps: k; None for one inner step per support batch.
+
+    Returns:
+        (name -> mean meta-gradient, only for parameters some query loss reaches;
+        stats: ``loss`` the mean query loss after adaptation, ``support_loss`` the mean
+        loss on the first support batch, i.e. before adaptation, when there is one).
+    """
+    if not episodes:
+        raise ValueError("maml_grads needs at least one episode")
+    if not first_order:
+        ensure_double_backward_attention(model)
+    params = trainable_params(model)
+    names = list(params)
+    grads: Params = {}
+    query_losses, support_losses = [], []
+    with _second_order_context(first_order):
+        for episode in episodes:
+            loss_fn = task_loss_fn(model, episode.task)
+            adapted, losses = adapt_with_losses(loss_fn, params, episode.support, lr=inner_lr,
+                                                first_order=first_order, steps=inner_steps)
+            query_loss = loss_fn(adapted, episode.query)
+            # second order: this backpropagates through every inner step to θ
+            episode_grads = torch.autograd.grad(query_loss, [params[n] for n in names], allow_unused=True)
+            for name, grad in zip(names, episode_grads):
+                if grad is not None:
+                    grads[name] = grad / len(episodes) if name not in grads else grads[name] + grad / len(episodes)
+            query_losses.append(query_loss.detach())
+            support_losses.extend(losses[:1])
+    stats = {"loss": torch.stack(query_losses).mean().item()}
+    if support_losses:
+        stats["support_loss"] = torch.stack(support_losses).mean().item()
+    return grads, stats
+
+
+class MAML:
+    """MAML over a meta-batch of episodes; ``first_order=True`` is FOMAML.
+
+    Args:
+        inner_lr: the inner learning rate α (Dou et al. Eq. 1).
+        inner_steps: k, the inner SGD steps per episode (one support batch each).
+        first_order: drop the second derivatives (FOMAML).
+    """
+
+    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, first_order: bool = False):
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.support_batches = inner_steps
+
+    def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
+        """Adds the mean meta-gradient into ``.grad``; returns ``loss`` and ``support_loss``."""
+        grads, stats = maml_grads(model, episodes, inner_lr=self.inner_lr, first_order=self.first_order,
+                                  inner_steps=self.inner_steps)
+        accumulate_grads(trainable_params(model), grads)
+        return stats

@@ -1,0 +1,91 @@
+"""Reptile (Nichol et al., 2018), as in Dou et al. (2019) §2.3.
+
+Each episode runs k plain SGD steps from θ on its support batches (Eq. 1) to θ_i^(k); the
+MetaUpdate moves θ towards the adapted weights:
+
+    θ ← θ + β · mean_i (θ_i^(k) − θ)
+
+Following the protocol that algorithms write gradients and the loop steps the optimiser,
+Reptile writes the pseudo-gradient ``θ − mean_i θ_i^(k)``: an outer SGD step with learning
+rate β is then exactly the update above. With AdamW as the outer optimiser (the loop's
+default) the pseudo-gradient is rescaled per coordinate by Adam, as in common Reptile
+implementations; clipping in the loop also applies to it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from metalm.learn.functional import Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
+
+if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
+    from metalm.learn.algorithms import Episode
+
+
+def reptile_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float,
+                  inner_steps: int | None = None) -> tuple[Params, dict[str, float]]:
+    """The Reptile pseudo-gradient ``θ − mean_i θ_i^(k)`` over a meta-batch.
+
+    The inner loop differentiates detached views of the parameters (no graph to θ, no
+    second derivatives, no copy of the model); ``model`` is not modified.
+
+    Args:
+        model: a ``MultiTaskModel``; its trainable parameters are θ.
+        episodes: the meta-batch; each adapts on its ``support`` batches.
+        inner_lr: the inner learning rate α of Eq. 1.
+        inner_steps: k; None for one inner step per support batch.
+
+    Returns:
+        (name -> pseudo-gradient, only for parameters some inner step changed;
+        stats: ``loss`` the mean query loss after adaptation (for logging only; the query
+        batch takes no part in the update), ``support_loss`` the mean loss on the first
+        support batch, i.e. before adaptation).
+    """
+    if not episodes:
+        raise ValueError("reptile_grads needs at least one episode")
+    theta = {name: p.detach().requires_grad_(True) for name, p in trainable_params(model).items()}
+    grads: Params = {}
+    query_losses, support_losses = [], []
+    for episode in episodes:
+        loss_fn = task_loss_fn(model, episode.task)
+        adapted, losses = adapt_with_losses(loss_fn, theta, episode.support, lr=inner_lr, first_order=True,
+                                            steps=inner_steps)
+        with torch.no_grad():
+            for name, p in adapted.items():
+                if p is theta[name]:  # no inner step reached it (another task's head)
+                    continue
+                delta = (theta[name] - p) / len(episodes)  # same shape as the parameter
+                grads[name] = delta if name not in grads else grads[name] + delta
+            query_losses.append(loss_fn(adapted, episode.query))
+        support_losses.extend(losses[:1])
+    stats = {"loss": torch.stack(query_losses).mean().item()}
+    if support_losses:
+        stats["support_loss"] = torch.stack(support_losses).mean().item()
+    return grads, stats
+
+
+class Reptile:
+    """Reptile over a meta-batch of episodes.
+
+    Args:
+        inner_lr: the inner learning rate α (Dou et al. Eq. 1).
+        inner_steps: k, the inner SGD steps per episode (one support batch each).
+    """
+
+    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5):
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1 (Reptile with no inner step has no update), got {inner_steps}")
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.support_batches = inner_steps
+
+    def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
+        """Adds ``θ − mean_i θ_i^(k)`` into ``.grad``; returns ``loss`` and ``support_loss``."""
+        grads, stats = reptile_grads(model, episodes, inner_lr=self.inner_lr, inner_steps=self.inner_steps)
+        accumulate_grads(trainable_params(model), grads)
+        return stats

@@ -1,0 +1,167 @@
+"""The multi-task model: save/load round trip, pooling that ignores padding, evaluation and output shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from metalm.builders import add_heads, build_model, build_tasks
+from metalm.models.multitask import MultiTaskModel
+from metalm.schema import DataConfig, EncoderConfig
+from metalm.tasks.registry import WNUT_TAGS
+from metalm.train.evaluate import evaluate
+
+TASKS = ["rte", "stsb", "wnut16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On a small shared machine, torch's intra-op threads oversubscribe the cores (10-30x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tasks(tokenizer, data_root, tmp_path_factory):
+    data = DataConfig(root=str(data_root), cache_dir=str(tmp_path_factory.mktemp("model-cache")))
+    return build_tasks(TASKS, tokenizer, data=data, max_length=32)
+
+
+def _model(*, seed: int, pooling: str = "cls", tasks=None) -> MultiTaskModel:
+    model, _ = build_model(EncoderConfig(name="tiny", pooling=pooling), seed=seed)
+    if tasks is not None:
+        add_heads(model, tasks, seed=seed)
+    return model.eval()
+
+
+def _batches(tasks, n: int = 6) -> dict:
+    return {name: task.batch("dev", range(n)) for name, task in tasks.items()}
+
+
+# --- (a) save_pretrained -> build_model(init=...) -------------------------------------------------
+
+def test_save_and_load_gives_identical_logits(tasks, tokenizer, tmp_path):
+    # Built with seed 7 and mean pooling, loaded with seed 0 and the default (cls) EncoderConfig:
+    # equal logits show that the weights, heads and pooling all come from the folder.
+    original = _model(seed=7, pooling="mean", tasks=tasks)
+    folder = tmp_path / "model"
+    original.save_pretrained(folder, tokenizer=tokenizer)
+    assert (folder / "encoder" / "config.json").exists()
+    assert (folder / "heads.safetensors").exists()
+    meta = json.loads((folder / "heads.json").read_text())
+    assert meta == {"pooling": "mean", "tasks": {
+        "rte": {"kind": "pair_classification", "num_labels": 2},
+        "stsb": {"kind": "regression", "num_labels": 1},
+        "wnut16": {"kind": "token_classification", "num_labels": len(WNUT_TAGS)}}}
+
+    loaded, loaded_tokenizer = build_model(EncoderConfig(), seed=0, init=str(folder))
+    loaded.eval()
+    assert loaded.pooling == "mean"
+    assert loaded.kinds == original.kinds and loaded.num_labels == original.num_labels
+    assert list(loaded.heads) == TASKS
+    assert loaded_tokenizer("a test")["input_ids"] == tokenizer("a test")["input_ids"]
+
+    fresh = _model(seed=0, pooling="mean", tasks=tasks)  # what the same seed gives without the folder
+    with torch.no_grad():
+        for name, batch in _batches(tasks).items():
+            expected = original(name, batch)
+            torch.testing.assert_close(loaded(name, batch), expected, rtol=0, atol=1e-6, msg=name)
+            assert not torch.allclose(fresh(name, batch), expected, atol=1e-3), name
+
+
+def test_build_model_rejects_a_folder_without_heads_json(tmp_path):
+    model = _model(seed=0)
+    model.encoder.save_pretrained(tmp_path / "plain")  # a Hugging Face encoder, not a metalm folder
+    with pytest.raises(ValueError, match=r"not a metalm model folder \(no heads.json\)") as info:
+        build_model(EncoderConfig(), seed=0, init=str(tmp_path / "plain"))
+    assert "encoder.name" in str(info.value)  # says what to do instead
+    with pytest.raises(ValueError, match="no heads.json"):
+        build_model(EncoderConfig(), seed=0, init=str(tmp_path / "missing"))
+
+
+# --- (b) pooling ignores padding ------------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_pooled_vector_is_independent_of_padding(tokenizer, pooling):
+    model = _model(seed=0, pooling=pooling)
+    model.add_task("probe", "classification", 2)
+    model.heads["probe"] = nn.Identity()  # the model's output is then the pooled vector (B, H)
+    model.eval()
+    short = "A cat sat."
+    longer = "A much longer sentence, with many more words in it, pads the short one in a batch."
+    alone = tokenizer([short], return_tensors="pt")
+    both = tokenizer([short, longer], padding=True, return_tensors="pt")
+    assert both["input_ids"].shape[1] > alone["input_ids"].shape[1] + 5
+    assert both["attention_mask"][0].sum() == alone["input_ids"].shape[1]
+
+    with torch.no_grad():
+        single = model("probe", alone)
+        batched = model("probe", both)
+    assert single.shape == (1, model.hidden_size) and batched.shape == (2, model.hidden_size)
+    torch.testing.assert_close(batched[0], single[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+    if pooling == "mean":
+        # The check has teeth: averaging over every position (padding included) gives another vector.
+        with torch.no_grad():
+            hidden = model.encoder(**both).last_hidden_state
+        assert not torch.allclose(hidden[0].mean(0), single[0], atol=1e-3)
+        torch.testing.assert_close(single[0], model.encoder(**alone).last_hidden_state[0].mean(0).detach(),
+                                   rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_formula():
+    model = MultiTaskModel(nn.Identity(), pooling="mean")
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2), last position is padding
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(model._pool(hidden, mask), torch.tensor([[2.0, 3.0]]))
+    with pytest.raises(ValueError, match="pooling"):
+        MultiTaskModel(nn.Identity(), pooling="max")
+
+
+# --- (c) evaluate ------------------------------------------------------------------------------------
+
+def test_evaluate_token_classification_and_regression(tasks):
+    model = _model(seed=0, tasks=tasks)
+    model.train()
+    ner = evaluate(model, tasks["wnut16"], "dev")
+    assert model.training  # evaluation puts the model back in the mode it found
+    assert set(ner) == {"entity_f1", "loss"}
+    assert 0.0 <= ner["entity_f1"] <= 1.0
+    assert ner["loss"] == pytest.approx(torch.log(torch.tensor(len(WNUT_TAGS))).item(), rel=0.2)  # untrained
+
+    sts = evaluate(model, tasks["stsb"], "dev")
+    assert set(sts) == {"pearson", "spearman", "loss"}
+    assert all(-1.0 <= sts[k] <= 1.0 for k in ("pearson", "spearman"))
+    assert sts["loss"] > 1.0  # labels are 0-5, an untrained head predicts about 0
+    # Deterministic in eval mode, whatever the batch size.
+    again = evaluate(model, tasks["stsb"], "dev", batch_size=17)
+    assert again == pytest.approx(sts, abs=1e-5)
+
+    rte = evaluate(model, tasks["rte"], "dev")
+    assert set(rte) == {"accuracy", "loss"}
+    correct = rte["accuracy"] * tasks["rte"].size("dev")  # a count of correct predictions
+    assert tasks["rte"].size("dev") == 277 and correct == pytest.approx(round(correct), abs=1e-6)
+
+
+# --- (d) output shapes -------------------------------------------------------------------------------
+
+def test_output_shapes(tasks):
+    model = _model(seed=0, tasks=tasks)
+    batches = _batches(tasks, n=5)
+    with torch.no_grad():
+        sentence = model("rte", batches["rte"])
+        regression = model("stsb", batches["stsb"])
+        tokens = model("wnut16", batches["wnut16"])
+    assert sentence.shape == (5, 2)
+    assert regression.shape in {(5,), (5, 1)}
+    assert tokens.shape == (5, batches["wnut16"]["input_ids"].shape[1], len(WNUT_TAGS))
+    assert batches["wnut16"]["labels"].shape == batches["wnut16"]["input_ids"].shape
+    for name, batch in batches.items():
+        loss = model.loss(name, batch)
+        assert loss.shape == () and torch.isfinite(loss), name
