@@ -138,3 +138,27 @@ def test_override_value_parsing():
 def test_bad_overrides_raise_config_error(override, message):
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.apply_overrides(cfg.read_yaml(resolve_config("glue_rte")), [override])
+
+
+def test_resumed_sweep_refuses_results_of_other_settings(tmp_path, data_root):
+    from metalm import cli
+
+    base = ["demo", "encoder.name=tiny", "seeds=[0]", "fractions=[0.3]", "methods.1.train.steps=4",
+            f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert cli.main(base) == 0
+    # Changing the fine-tuning settings must not silently reuse the finished runs.
+    assert cli.main(base + ["finetune.epochs=1"]) == 2
+    # Changing the training stage must not reuse the trained method either.
+    assert cli.main(base + ["methods.1.train.steps=5", "methods.0.name=other"]) == 2
+    # The same settings (and a new seed) resume fine.
+    assert cli.main(base[:2] + ["seeds=[0,1]"] + base[3:]) == 0
+
+
+def test_first_difference_names_the_key():
+    from metalm.config import ConfigError, check_same_settings, first_difference
+
+    assert first_difference({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": [1, 3]}}) == "a.c.1"
+    assert first_difference({"a": 1}, {"a": 1}) is None
+    with pytest.raises(ConfigError, match=r"train\.steps: 4 then, 5 now"):
+        check_same_settings({"train": {"steps": 4}}, {"train": {"steps": 5}}, where="run x")
+    check_same_settings({"x": 1, "y": 2}, {"x": 1, "y": 3}, where="run x", ignore=("y",))

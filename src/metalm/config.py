@@ -10,6 +10,7 @@ that names the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -231,3 +232,51 @@ def load(cls: type, path: str | Path | None, overrides: typing.Iterable[str] = (
     data = apply_overrides(data, overrides)
     where = Path(path).name if path is not None else cls.__name__
     return parse(cls, data, where=where)
+
+
+def first_difference(old: Any, new: Any, key: str = "") -> str | None:
+    """The dotted key of the first difference between two plain-data configs, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            found = first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = first_difference(a, b, f"{key}.{i}")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (key or "<root>")
+
+
+def check_same_settings(stored: dict, current: dict, *, where: str, ignore: tuple[str, ...] = ()) -> None:
+    """Raises ConfigError when a resumed run's stored settings differ from the current ones."""
+    key = first_difference(_drop(stored, ignore), _drop(current, ignore))
+    if key is not None:
+        raise ConfigError(f"{where} was made with different settings ({key}: {_get(stored, key)!r} then, "
+                          f"{_get(current, key)!r} now); use another output_dir or delete it to start over")
+
+
+def _drop(data: dict, dotted: tuple[str, ...]) -> dict:
+    data = json.loads(json.dumps(data))
+    for path in dotted:
+        node = data
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(keys[-1], None)
+    return data
+
+
+def _get(data: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if isinstance(data, dict):
+            data = data.get(k)
+        elif isinstance(data, list) and k.isdigit() and int(k) < len(data):
+            data = data[int(k)]
+        else:
+            return None
+    return data

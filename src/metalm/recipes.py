@@ -17,13 +17,18 @@ from pathlib import Path
 import torch
 
 from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks, resolve_device
-from metalm.config import to_dict
+from metalm.config import check_same_settings, to_dict
 from metalm.learn.algorithms import build_algorithm
 from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.loop import train_loop
+
+
+# Settings that may differ when a run is resumed: where things are, and how often to log.
+RESUME_MAY_CHANGE = ("output_dir", "device", "data.root", "data.glue", "data.cache_dir", "train.log_every",
+                     "train.checkpoint_every", "train.eval_every")
 
 
 def seed_everything(seed: int) -> None:
@@ -40,6 +45,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     """
     out = Path(cfg.output_dir)
     final = out / "final"
+    if resume and (out / "config.json").exists():
+        check_same_settings(json.loads((out / "config.json").read_text()), to_dict(cfg), where=f"run {out}",
+                            ignore=RESUME_MAY_CHANGE)
     if resume and (final / "heads.json").exists():
         return final
     settings = cfg.train

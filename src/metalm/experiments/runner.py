@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from metalm.builders import build_model
-from metalm.config import to_dict
+from metalm.config import check_same_settings, to_dict
 from metalm.experiments.report import write_reports
 from metalm.recipes import run_finetune, run_train
 from metalm.schema import ExperimentConfig, FinetuneConfig, MethodConfig, TrainConfig
@@ -31,6 +31,13 @@ def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) 
     return str(run_train(train_cfg, resume=True, progress=progress))
 
 
+def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec) -> dict:
+    """What a fine-tune result depends on besides target, fraction and seed (checked on resume)."""
+    return json.loads(json.dumps({"method": to_dict(method), "encoder": to_dict(cfg.encoder),
+                                  "finetune": to_dict(cfg.finetune), "stage_seed": cfg.stage_seed,
+                                  "source": cfg.data.source, "target": to_dict(spec)}))
+
+
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[list[dict], dict[str, Path]]:
     """Runs (or resumes) the sweep; returns the result rows and the report paths."""
     names = [m.name for m in cfg.methods]
@@ -48,8 +55,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     for method, spec, fraction, seed in bar:
         bar.set_postfix_str(f"{method.name} / {spec.name} @{fraction:g} seed {seed}")
         path = out / "results" / _slug(method.name) / spec.name / f"fraction-{fraction:g}" / f"seed-{seed}.json"
+        settings = run_settings(cfg, method, spec)
         if path.exists():
             result = json.loads(path.read_text())
+            check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
         else:
             if method.name not in inits:
                 inits[method.name] = method_init(cfg, method, progress=progress)
@@ -58,7 +67,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
                                     init=inits[method.name], fraction=fraction, seed=seed, device=cfg.device,
                                     output_dir=str(path.with_suffix("")))
             res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
-            result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size}
+            result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "settings": settings}
             write_text_atomic(path, json.dumps(result, indent=1))
         for split, metrics in result["scores"].items():
             for metric, value in metrics.items():
