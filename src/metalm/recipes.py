@@ -18,7 +18,7 @@ import torch
 
 from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks, resolve_device
 from metalm.config import check_same_settings, to_dict
-from metalm.learn.algorithms import build_algorithm
+from metalm.learn.algorithms import algorithm_settings, build_algorithm
 from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
@@ -64,7 +64,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     seed_everything(cfg.seed)
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
                   if all(s in task.splits for s in task.spec.eval_splits)}
-    train_loop(model=model, tasks=tasks, algorithm=build_algorithm(settings.algorithm), sampler=sampler,
+    algorithm = build_algorithm(settings.algorithm, **algorithm_settings(settings.algorithm, {
+        "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order}))
+    train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps, batch_size=settings.batch_size,
                tasks_per_step=settings.tasks_per_step, seed=cfg.seed, run_dir=out,
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,

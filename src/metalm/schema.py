@@ -81,13 +81,19 @@ class TrainSettings:
     tasks: tuple[TaskRef, ...] = ()
     """Tasks trained jointly."""
     algorithm: str = "multitask"
-    """Algorithm producing the gradients of each step."""
+    """multitask, maml, fomaml, reptile or metapretrain (Lv et al.): what produces each step's gradients."""
+    inner_steps: int = 5
+    """Meta-learning algorithms: k inner SGD steps (support batches) per episode."""
+    inner_lr: float = 1e-3
+    """Meta-learning algorithms: the inner learning rate α."""
+    first_order: bool = False
+    """maml / metapretrain: drop second derivatives (FOMAML; Lv et al. Eq. 5)."""
     steps: int = 1000
     """Optimiser steps."""
     batch_size: int = 32
     """Examples per batch."""
     tasks_per_step: int = 1
-    """Episodes (task batches) per step."""
+    """Episodes per step: the meta-batch of tasks (Dou et al.: 8), gradients averaged."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 10

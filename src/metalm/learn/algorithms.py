@@ -22,8 +22,14 @@ from metalm.learn.reptile import Reptile
 @dataclass(frozen=True)
 class Episode:
     task: str
+    """The task of the query batch (and of the support batches unless ``support_tasks`` says otherwise)."""
     support: tuple[Batch, ...]
     query: Batch
+    support_tasks: tuple[str, ...] = ()
+    """Task of each support batch when they differ (Lv et al.: inner batches drawn across tasks)."""
+
+    def support_task(self, i: int) -> str:
+        return self.support_tasks[i] if self.support_tasks else self.task
 
 
 class Algorithm(Protocol):
@@ -54,6 +60,10 @@ ALGORITHMS = {
     "maml": MAML,
     "fomaml": functools.partial(MAML, first_order=True),
     "reptile": Reptile,
+    # Lv et al. (2020) Algorithm 1: k inner steps on batches drawn from the task distribution
+    # (possibly different tasks), then a meta-test step on a fresh batch; Eq. 4, or Eq. 5 with
+    # first_order. k=0 is joint multi-task training.
+    "metapretrain": functools.partial(MAML, cross_task=True),
 }
 
 
@@ -67,3 +77,13 @@ def build_algorithm(name: str, **settings) -> Algorithm:
         raise ValueError(f"algorithm {name!r}: unknown setting(s) {', '.join(unknown)} "
                          f"(known: {', '.join(known) or 'none'})")
     return ALGORITHMS[name](**settings)
+
+
+def algorithm_settings(name: str, available: dict) -> dict:
+    """The subset of ``available`` settings that algorithm ``name`` takes."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
+    factory = ALGORITHMS[name]
+    fixed = getattr(factory, "keywords", {})  # an alias such as fomaml binds first_order=True
+    known = inspect.signature(factory).parameters
+    return {k: v for k, v in available.items() if k in known and k not in fixed}

@@ -82,9 +82,12 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float,
     return new, loss.detach()
 
 
-def adapt_with_losses(loss_fn: LossFn, params: Params, support: Sequence[Batch], *, lr: float,
+def adapt_with_losses(loss_fn: LossFn | Sequence[LossFn], params: Params, support: Sequence[Batch], *, lr: float,
                       first_order: bool, steps: int | None = None) -> tuple[Params, list[Tensor]]:
-    """``adapt`` that also returns the loss before each inner step (detached scalars)."""
+    """``adapt`` that also returns the loss before each inner step (detached scalars).
+
+    ``loss_fn`` may be one function per support batch (cross-task support, Lv et al.).
+    """
     steps = len(support) if steps is None else steps
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -92,7 +95,8 @@ def adapt_with_losses(loss_fn: LossFn, params: Params, support: Sequence[Batch],
         raise ValueError(f"{steps} inner steps need at least one support batch, got none")
     losses = []
     for k in range(steps):
-        params, loss = inner_step(loss_fn, params, support[k % len(support)], lr=lr, first_order=first_order)
+        fn = loss_fn[k % len(loss_fn)] if isinstance(loss_fn, (list, tuple)) else loss_fn
+        params, loss = inner_step(fn, params, support[k % len(support)], lr=lr, first_order=first_order)
         losses.append(loss)
     return params, losses
 

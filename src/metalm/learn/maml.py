@@ -81,16 +81,19 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
     """
     if not episodes:
         raise ValueError("maml_grads needs at least one episode")
-    if not first_order:
+    second_order = not first_order and inner_steps != 0 and any(e.support for e in episodes)
+    if second_order:
         ensure_double_backward_attention(model)
     params = trainable_params(model)
     names = list(params)
     grads: Params = {}
     query_losses, support_losses = [], []
-    with _second_order_context(first_order):
+    with _second_order_context(not second_order):
         for episode in episodes:
             loss_fn = task_loss_fn(model, episode.task)
-            adapted, losses = adapt_with_losses(loss_fn, params, episode.support, lr=inner_lr,
+            inner_fns = [task_loss_fn(model, episode.support_task(i)) for i in range(len(episode.support))] \
+                if episode.support_tasks else loss_fn
+            adapted, losses = adapt_with_losses(inner_fns, params, episode.support, lr=inner_lr,
                                                 first_order=first_order, steps=inner_steps)
             query_loss = loss_fn(adapted, episode.query)
             # second order: this backpropagates through every inner step to θ
@@ -113,9 +116,12 @@ class MAML:
         inner_lr: the inner learning rate α (Dou et al. Eq. 1).
         inner_steps: k, the inner SGD steps per episode (one support batch each).
         first_order: drop the second derivatives (FOMAML).
+        cross_task: draw each support batch's task from the task distribution instead of
+            the episode's task (Lv et al. 2020, Algorithm 1: meta-learning as pre-training).
     """
 
-    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, first_order: bool = False):
+    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, first_order: bool = False,
+                 cross_task: bool = False):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 0:
@@ -124,6 +130,7 @@ class MAML:
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.support_batches = inner_steps
+        self.cross_task_support = cross_task
 
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds the mean meta-gradient into ``.grad``; returns ``loss`` and ``support_loss``."""

@@ -70,8 +70,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                dynamic_ncols=True)
     try:
         for step in bar:
-            episodes = [_episode(sampler.sample(), tasks, streams, algorithm.support_batches, device)
-                        for _ in range(tasks_per_step)]
+            episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
             optimizer.zero_grad(set_to_none=True)
             stats = algorithm.step(model, episodes)
             grad_norm = _clip(model, clip_norm)
@@ -100,11 +99,18 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     return result
 
 
-def _episode(name: str, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream], support: int,
-             device: torch.device) -> Episode:
-    task, stream = tasks[name], streams[name]
-    batches = [to_device(task.batch("train", stream.next_indices()), device) for _ in range(support + 1)]
-    return Episode(task=name, support=tuple(batches[:-1]), query=batches[-1])
+def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream],
+             algorithm: Algorithm, device: torch.device) -> Episode:
+    """Support batches then one query batch, different batches of the episode's task (Dou §2.2);
+    with cross-task support each support batch's task is drawn from the sampler (Lv et al.)."""
+    k = algorithm.support_batches
+    if getattr(algorithm, "cross_task_support", False):
+        names = [sampler.sample() for _ in range(k + 1)]
+    else:
+        names = [sampler.sample()] * (k + 1)
+    batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
+    return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
+                   support_tasks=tuple(names[:-1]) if getattr(algorithm, "cross_task_support", False) else ())
 
 
 def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
