@@ -111,3 +111,43 @@ def test_batch_stream_covers_each_epoch_and_restores():
     other = BatchStream(10, 4, seed=1)
     other.load_state_dict(state)
     assert [other.next_indices() for _ in range(5)] == expected
+
+
+def test_mixed_sampler_follows_the_schedule_and_restores():
+    from metalm.learn.samplers import MixedSampler
+
+    def build(seed):
+        return MixedSampler(CategoricalSampler({"a": 1, "b": 1}, seed=seed), CategoricalSampler({"t": 1}, seed=seed),
+                            period=10, first_draws=6)
+
+    sampler = build(0)
+    draws = [sampler.sample() for _ in range(30)]
+    for period in range(3):
+        part = draws[10 * period:10 * period + 10]
+        assert set(part[:6]) <= {"a", "b"} and part[6:] == ["t"] * 4
+    assert {"a", "b"} <= set(draws)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = [sampler.sample() for _ in range(25)]
+    other = build(7)
+    other.load_state_dict(state)
+    assert [other.sample() for _ in range(25)] == expected
+
+
+def test_mixed_sampler_from_config(tmp_path):
+    from metalm.builders import build_sampler
+    from metalm.schema import SamplerConfig
+
+    class Sized:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self, split):
+            return self.n
+
+    tasks = {"sst2": Sized(100), "mrpc": Sized(10), "rte": Sized(5)}
+    sampler = build_sampler(SamplerConfig(kind="mixed", target="rte", period=4, uniform_fraction=0.5), tasks, seed=0)
+    draws = [sampler.sample() for _ in range(8)]
+    assert draws[2:4] == ["rte", "rte"] and draws[6:8] == ["rte", "rte"]
+    assert "rte" not in draws[0:2] + draws[4:6]
+    with pytest.raises(ValueError, match="sampler.target"):
+        build_sampler(SamplerConfig(kind="mixed", target="cola"), tasks, seed=0)

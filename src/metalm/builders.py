@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from metalm.learn.samplers import CategoricalSampler, size_probabilities
+from metalm.learn.samplers import CategoricalSampler, MixedSampler, size_probabilities
 from metalm.models.encoder import load_encoder
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, OptimConfig, SamplerConfig, TaskRef
@@ -66,8 +66,15 @@ def add_heads(model: MultiTaskModel, tasks: Mapping[str, Task], *, seed: int) ->
             model.add_task(name, task.kind, task.spec.num_labels)
 
 
-def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int) -> CategoricalSampler:
+def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int):
     sizes = {name: task.size("train") for name, task in tasks.items()}
+    if cfg.kind == "mixed":
+        if cfg.target not in tasks or len(tasks) < 2:
+            raise ValueError(f"sampler.kind=mixed needs sampler.target set to one of the tasks {sorted(tasks)} "
+                             f"and at least one other task, got target={cfg.target!r}")
+        others = {n: 1.0 for n in tasks if n != cfg.target}
+        return MixedSampler(CategoricalSampler(others, seed=seed), CategoricalSampler({cfg.target: 1.0}, seed=seed),
+                            period=cfg.period, first_draws=int(round(cfg.uniform_fraction * cfg.period)))
     probabilities = size_probabilities(sizes, kind=cfg.kind, temperature=cfg.temperature, weights=cfg.weights)
     log.info("task probabilities: %s", {k: round(v, 3) for k, v in probabilities.items()})
     return CategoricalSampler(probabilities, seed=seed)

@@ -54,12 +54,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    kind: Literal["uniform", "proportional", "temperature", "weights"] = "proportional"
-    """Task distribution: uniform, proportional to size, size^(1/T), or given weights."""
+    kind: Literal["uniform", "proportional", "temperature", "weights", "mixed"] = "proportional"
+    """Task distribution: uniform, proportional to size (PPS), size^(1/T), given weights, or
+    mixed (Dou §2.4: each period uniform over the other tasks, then only `target`)."""
     temperature: float = 1.0
     """T for kind=temperature."""
     weights: dict[str, float] | None = None
     """Task -> weight for kind=weights."""
+    target: str | None = None
+    """kind=mixed: the target task."""
+    period: int = 100
+    """kind=mixed: task draws per period."""
+    uniform_fraction: float = 0.5
+    """kind=mixed: fraction of each period drawn uniformly from the other tasks."""
 
 
 @dataclass(frozen=True)

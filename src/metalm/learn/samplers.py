@@ -78,3 +78,43 @@ def size_probabilities(sizes: Mapping[str, int], *, kind: str, temperature: floa
         raise ValueError(f"unknown sampler kind {kind!r} (uniform, proportional, temperature, weights)")
     total = sum(raw.values())
     return {n: raw[n] / total for n in names}
+
+
+class MixedSampler:
+    """Dou et al. (2019) §2.4 "Mixed": in every period, first one sampler, then the other.
+
+    Built from two samplers; draw ``t`` uses ``first`` when ``t mod period < first_draws``
+    and ``second`` otherwise. For Dou's setting ``first`` is uniform over the auxiliary
+    tasks and ``second`` always picks the target task.
+
+    Args:
+        first: the sampler of the first part of each period.
+        second: the sampler of the rest.
+        period: draws per period (an "epoch" of the schedule).
+        first_draws: draws per period that go to ``first``.
+    """
+
+    def __init__(self, first: Sampler, second: Sampler, *, period: int, first_draws: int):
+        if period < 1 or not 0 <= first_draws <= period:
+            raise ValueError(f"need period >= 1 and 0 <= first_draws <= period, got {period}, {first_draws}")
+        self.first, self.second = first, second
+        self.period, self.first_draws = period, first_draws
+        self.names = tuple(dict.fromkeys(first.names + second.names))
+        self.draws = 0
+
+    def sample(self) -> str:
+        use_first = self.draws % self.period < self.first_draws
+        self.draws += 1
+        return (self.first if use_first else self.second).sample()
+
+    def update(self, feedback: Mapping) -> None:
+        self.first.update(feedback)
+        self.second.update(feedback)
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "first": self.first.state_dict(), "second": self.second.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.draws = int(state["draws"])
+        self.first.load_state_dict(state["first"])
+        self.second.load_state_dict(state["second"])
