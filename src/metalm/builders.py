@@ -81,6 +81,7 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int):
 
 
 def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                kind=cfg.name)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     return optimizer, scheduler

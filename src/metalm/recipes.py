@@ -65,9 +65,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
                   if all(s in task.splits for s in task.spec.eval_splits)}
     algorithm = build_algorithm(settings.algorithm, **algorithm_settings(settings.algorithm, {
-        "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order}))
+        "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
+        "task_inner_steps": settings.task_inner_steps}))
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
-               optimizer=optimizer, scheduler=scheduler, steps=settings.steps, batch_size=settings.batch_size,
+               optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
+               batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},
                tasks_per_step=settings.tasks_per_step, seed=cfg.seed, run_dir=out,
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,

@@ -79,6 +79,8 @@ class OptimConfig:
     """Fraction of steps of linear warmup, followed by linear decay to 0."""
     clip_norm: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    name: Literal["adamw", "sgd"] = "adamw"
+    """The (outer) optimiser: AdamW, or plain SGD (e.g. Reptile's θ + β·mean(θ_i − θ) exactly)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
 
@@ -95,6 +97,10 @@ class TrainSettings:
     """Meta-learning algorithms: the inner learning rate α."""
     first_order: bool = False
     """maml / metapretrain: drop second derivatives (FOMAML; Lv et al. Eq. 5)."""
+    task_inner_steps: dict[str, int] | None = None
+    """reptile: task -> its own number of inner steps (Xue, Table 1)."""
+    task_batch_sizes: dict[str, int] | None = None
+    """Task -> its own batch size (default: batch_size)."""
     steps: int = 1000
     """Optimiser steps."""
     batch_size: int = 32
@@ -193,3 +199,5 @@ class ExperimentConfig:
     output_dir: str = "runs/experiment"
     title: str = "metalm experiment"
     """Heading of the results table."""
+    notes: str = ""
+    """Printed under the table (e.g. which datasets stand in for unavailable ones)."""

@@ -76,6 +76,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     bar.close()
     headline = {s.name: ((cfg.finetune.eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
+    if cfg.notes:
+        note += "\n\n" + cfg.notes.strip()
     return rows, write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note)
 
 

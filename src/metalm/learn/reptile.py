@@ -73,9 +73,10 @@ class Reptile:
     Args:
         inner_lr: the inner learning rate α (Dou et al. Eq. 1).
         inner_steps: k, the inner SGD steps per episode (one support batch each).
+        task_inner_steps: task -> its own k (Xue, Table 1: sst 4, para 4, sts 8); others use ``inner_steps``.
     """
 
-    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5):
+    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, task_inner_steps: dict | None = None):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 1:
@@ -83,9 +84,14 @@ class Reptile:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.support_batches = inner_steps
+        self.task_inner_steps = dict(task_inner_steps or {})
+        if any(k < 1 for k in self.task_inner_steps.values()):
+            raise ValueError(f"task_inner_steps must be >= 1, got {self.task_inner_steps}")
 
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds ``θ − mean_i θ_i^(k)`` into ``.grad``; returns ``loss`` and ``support_loss``."""
-        grads, stats = reptile_grads(model, episodes, inner_lr=self.inner_lr, inner_steps=self.inner_steps)
+        # One inner step per support batch: the loop draws each task's own number of batches.
+        steps = None if self.task_inner_steps else self.inner_steps
+        grads, stats = reptile_grads(model, episodes, inner_lr=self.inner_lr, inner_steps=steps)
         accumulate_grads(trainable_params(model), grads)
         return stats

@@ -107,7 +107,8 @@ def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, 
     if getattr(algorithm, "cross_task_support", False):
         names = [sampler.sample() for _ in range(k + 1)]
     else:
-        names = [sampler.sample()] * (k + 1)
+        name = sampler.sample()
+        names = [name] * (getattr(algorithm, "task_inner_steps", {}).get(name, k) + 1)
     batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
                    support_tasks=tuple(names[:-1]) if getattr(algorithm, "cross_task_support", False) else ())
