@@ -250,3 +250,24 @@ def test_hub_class_label_maps_by_name(tmp_path, hf_datasets_cache):
         read_hub("parquet", split="train", data_files={"train": str(tmp_path / "unlabelled.parquet")},
                  columns=COLUMNS, parse_label=label_parser("class", ENTAIL2))
     assert "line 2" in str(info.value) and "label -1" in str(info.value)
+
+
+def test_cache_key_follows_the_tokenizer_not_its_folder(tmp_path, data_root, tokenizer, cache_dir, monkeypatch):
+    """The tokenizer saved beside a trained model must hit the entries of the one it came from."""
+    from transformers import AutoTokenizer
+
+    from metalm.tasks import task as task_module
+    from metalm.tasks.registry import REGISTRY
+
+    spec = REGISTRY["rte"]
+    first = task_module.load_task(spec, tokenizer, root=data_root, cache_dir=cache_dir, splits=["dev"])
+    tokenizer.save_pretrained(tmp_path / "saved")
+    copy = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert copy.name_or_path != tokenizer.name_or_path
+    monkeypatch.setattr(task_module, "read_split", lambda *a, **k: pytest.fail("re-read despite the cache"))
+    again = task_module.load_task(spec, copy, root=data_root, cache_dir=cache_dir, splits=["dev"])
+    assert again.splits["dev"] == first.splits["dev"]
+    # A different tokenizer (other casing) must not share the entry.
+    assert task_module.tokenizer_fingerprint(copy) == task_module.tokenizer_fingerprint(tokenizer)
+    other = AutoTokenizer.from_pretrained(tmp_path / "saved", do_lower_case=False)
+    assert task_module.tokenizer_fingerprint(other) != task_module.tokenizer_fingerprint(tokenizer)

@@ -63,8 +63,14 @@ def _fraction(f: float) -> str:
 
 
 def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[str, tuple[str, str]],
-                  methods: Sequence[str], title: str, note: str = "") -> dict[str, Path]:
-    """Writes results.md, results.csv, results.json and scores.png; returns their paths."""
+                  methods: Sequence[str], title: str, note: str = "",
+                  curves: Sequence[dict] = ()) -> dict[str, Path]:
+    """Writes results.md, results.csv, results.json, scores.png and, when runs were scored after
+    more than one epoch, curves.png; returns their paths.
+
+    Args:
+        curves: ``{"method", "target", "fraction", "seed", "curve": [{"epoch", "<split>/<metric>"}]}``.
+    """
     out_dir = Path(out_dir)
     summary = aggregate(rows)
     table = markdown_table(summary, headline=headline, methods=methods, title=title, note=note)
@@ -78,6 +84,9 @@ def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[s
     write_text_atomic(paths["csv"], buffer.getvalue())
     write_text_atomic(paths["json"], json.dumps({"title": title, "summary": summary, "runs": list(rows)}, indent=1))
     plot_scores(summary, paths["plot"], headline=headline, methods=methods, title=title)
+    if any(len(c["curve"]) > 1 for c in curves):
+        paths["curves"] = out_dir / "curves.png"
+        plot_curves(curves, paths["curves"], headline=headline, methods=methods, title=title)
     return paths
 
 
@@ -107,9 +116,44 @@ def plot_scores(summary: Sequence[dict], path: Path, *, headline: dict[str, tupl
         ax.set_title(target)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    _save(fig, path, title)
+
+
+def plot_curves(curves: Sequence[dict], path: Path, *, headline: dict[str, tuple[str, str]],
+                methods: Sequence[str], title: str) -> None:
+    """Dev score after each fine-tuning epoch (mean over seeds), one panel per target and fraction
+    (the per-epoch curves of Lv et al. 2020, Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(c["target"], c["fraction"]) for c in curves}, key=lambda p: (list(headline).index(p[0]), p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.5 * len(panels)), 4.0), squeeze=False)
+    for ax, (target, fraction) in zip(axes[0], panels):
+        key = "/".join(headline[target])
+        for method in methods:
+            runs = [c["curve"] for c in curves if (c["method"], c["target"], c["fraction"]) == (method, target, fraction)]
+            if not runs:
+                continue
+            epochs = [point["epoch"] for point in runs[0]]
+            scores = np.array([[point[key] for point in run] for run in runs if len(run) == len(epochs)])
+            ax.plot(epochs, scores.mean(axis=0), marker="o", label=method)
+        ax.set_xlabel("fine-tuning epoch")
+        ax.set_ylabel(key)
+        ax.set_title(f"{target} @{_fraction(fraction)}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str) -> None:
+    """Titles, lays out and writes a figure atomically (temporary file, then rename)."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     plt.close(fig)
     tmp.replace(path)

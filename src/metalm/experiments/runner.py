@@ -49,6 +49,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     specs = [get_task_spec(t) for t in cfg.targets]
     jobs = [(m, s, f, seed) for m in cfg.methods for s in specs for f in cfg.fractions for seed in cfg.seeds]
     rows: list[dict] = []
+    curves: list[dict] = []
     inits: dict[str, str | None] = {}
     models: dict[str, tuple] = {}  # method -> (model, tokenizer) as loaded, copied for each run
     bar = tqdm(jobs, desc="fine-tune runs", disable=not progress or None, dynamic_ncols=True)
@@ -69,6 +70,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
             res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
             result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "settings": settings}
             write_text_atomic(path, json.dumps(result, indent=1))
+        curves.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
+                       "curve": result["curve"]})
         for split, metrics in result["scores"].items():
             for metric, value in metrics.items():
                 rows.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
@@ -78,7 +81,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
     if cfg.notes:
         note += "\n\n" + cfg.notes.strip()
-    return rows, write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note)
+    return rows, write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note,
+                               curves=curves)
 
 
 def _slug(name: str) -> str:

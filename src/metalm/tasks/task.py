@@ -7,6 +7,8 @@ cache and returns a ``Task``. Losses and predictions dispatch on ``spec.kind``
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -88,8 +90,7 @@ def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path |
         splits: which splits to load (all of the spec's by default).
     """
     wanted = tuple(splits) if splits is not None else spec.splits
-    tok_id = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-              "vocab": len(tokenizer)}
+    tok_id = tokenizer_fingerprint(tokenizer)
     loaded = {}
     for split in wanted:
         key = {"spec": to_dict(spec), "split": split, "source": source, "tokenizer": tok_id,
@@ -102,6 +103,22 @@ def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path |
 
         loaded[split] = cached_columns(key, build, cache_dir)
     return Task(spec=spec, splits=loaded, pad_id=tokenizer.pad_token_id or 0)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of what the tokenizer does (vocabulary, normaliser, special tokens), not where it
+    was loaded from: the same tokenizer saved beside each trained model shares cache entries."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)  # set by the last encode call, not part of what it does
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+    else:  # slow tokenizers: the vocabulary and special tokens
+        text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+    extra = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "init_kwargs", {}).get("do_lower_case")],
+                       default=str)
+    return hashlib.sha256((text + extra).encode()).hexdigest()
 
 
 def _digests(spec: TaskSpec, root, glue, source) -> dict[str, str]:
