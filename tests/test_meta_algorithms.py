@@ -288,3 +288,18 @@ def test_train_loop_runs_meta_algorithms(name, tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
     key = "encoder.embeddings.word_embeddings.weight"
     assert not torch.equal(model.get_parameter(key), before[key])  # the outer optimiser stepped
+
+
+def test_gradient_checkpointing_is_refused_for_functional_losses():
+    """HF checkpointing recomputes with the module's own weights, not the adapted ones."""
+    from transformers import AutoModel, BertConfig
+
+    from metalm.learn.functional import task_loss_fn
+    from metalm.models.multitask import MultiTaskModel
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    model = MultiTaskModel(AutoModel.from_config(config, add_pooling_layer=False))
+    model.add_task("t", "classification", 2)
+    model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        task_loss_fn(model, "t")
