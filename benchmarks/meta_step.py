@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,26 +91,33 @@ def _rss_reader():
         return read, "/proc/self/statm"
 
 
-def _status_kb(field: str) -> int | None:
+def _status_kb(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in kB, read at once (missing ones are left out)."""
+    out = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                name, _, value = line.partition(":")
+                if name in fields:
+                    out[name] = int(value.split()[0])
     except OSError:
         pass
-    return None
+    return out
 
 
 def _reset_hwm() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    before = _status_kb("VmHWM").get("VmHWM")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 64  # a few pages may move meanwhile
+    after = _status_kb("VmHWM", "VmRSS")
+    if before is None or len(after) < 2:
+        return False
+    # reset: the mark dropped from the earlier (warm-up) peak, or sits at the current RSS
+    return after["VmHWM"] < before or after["VmHWM"] <= after["VmRSS"] + 1024
 
 
 def _pin_malloc() -> bool:
@@ -190,6 +198,9 @@ def run_config(cfg: dict) -> dict:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # metalm.learn.functional.task_loss_fn reads `is_gradient_checkpointing`, deprecated in
+    # transformers 5 (FutureWarning once per process); keep the progress lines readable.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -255,7 +266,7 @@ def run_config(cfg: dict) -> dict:
     before = read()
     with _Sampler(read) as sampler:
         step()
-    hwm_kb = _status_kb("VmHWM") if hwm_ok else None
+    hwm_kb = _status_kb("VmHWM").get("VmHWM") if hwm_ok else None
     sampled = sampler.peak - before
     hwm = hwm_kb * 1024 - before if hwm_kb is not None else None
     peak = max(hwm, sampled) if hwm is not None else sampled
@@ -322,6 +333,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def label(row: dict) -> str:
+    return row["method"] + ("" if row["method"] == "multitask" else f" k={row['k']}")
+
+
 def add_ratios(rows: list[dict]) -> None:
     plain = next(r["step_time_s"] for r in rows if r["method"] == "multitask")
     k1_peak = {r["method"]: r["peak_mb"] for r in rows if r["k"] == 1}
@@ -362,8 +377,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all numbers to this file")
     p.add_argument("--one", default=None, metavar="JSON",
-                   help="measure one configuration (a JSON dict as run_config takes) in this process and "
-                        "print its result as JSON; for debugging")
+                   help="measure one configuration in this process and print its result as JSON, for "
+                        "debugging: a dict as run_config takes, e.g. {\"method\": \"fomaml\", \"k\": 5, "
+                        "\"measure\": \"time\", \"encoder\": \"tiny\", \"batch\": 2, \"seq\": 16, \"repeats\": 2, "
+                        "\"device\": \"cpu\", \"inner_lr\": 0.001, \"lr\": 5e-05, \"seed\": 0, \"max_k\": 5}")
     args = p.parse_args(argv)
     quick = dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2)
     full = dict(encoder="minilm", batch=8, seq=64, ks="1,3,5", repeats=3)
@@ -405,8 +422,7 @@ def main(argv=None) -> int:
     ctx = _context()
     rows = []
     for i, cfg in enumerate(configs, 1):
-        label = cfg["method"] + ("" if cfg["method"] == "multitask" else f" k={cfg['k']}")
-        print(f"[{i}/{len(configs)}] {label} ...", end=" ", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(configs)}] {label(cfg)} ...", end=" ", file=sys.stderr, flush=True)
         timed = run_fresh(ctx, dict(cfg, measure="time"))
         memory = run_fresh(ctx, dict(cfg, measure="memory"))
         row = {**memory, **timed}  # the same model facts; time from one process, memory from the other
@@ -422,7 +438,8 @@ def main(argv=None) -> int:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     memory_method = rows[0]["memory_method"]
-    attention = {f"{r['method']}" + ("" if r["k"] is None else f" k={r['k']}"): r["attention"] for r in rows}
+    other_memory = {label(r): r["memory_method"] for r in rows if r["memory_method"] != memory_method}
+    attention = {label(r): r["attention"] for r in rows}
     second_order_attn = sorted({r["attention"] for r in rows if r["method"] == "maml"})
     other_attn = sorted({str(r["attention"]) for r in rows if r["method"] != "maml"})
 
@@ -440,6 +457,8 @@ def main(argv=None) -> int:
     print("- step = algorithm.step + optimizer.step + zero_grad; each (method, k) timed in one fresh process "
           "and its memory measured in another")
     print(f"- peak memory: increase during one step: {memory_method}")
+    for name, how in other_memory.items():
+        print(f"  - except {name}: {how}")
     print("- × (k+1) plain: step time / ((k+1) × multitask step time), first-order rows only; "
           "× k=1 peak: peak / the same method's peak at k=1")
     print("- timings are from a possibly shared machine: compare ratios within this run, not across runs")

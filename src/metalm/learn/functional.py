@@ -31,6 +31,16 @@ def trainable_params(model: nn.Module) -> Params:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _checkpointing(encoder) -> bool:
+    """Whether Hugging Face activation (gradient) checkpointing is on, without deprecated names."""
+    if encoder is None:
+        return False
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(encoder), name):
+            return bool(getattr(encoder, name))
+    return False
+
+
 def task_loss_fn(model: nn.Module, task: str) -> LossFn:
     """``loss(params, batch)``: ``task``'s loss with ``params`` substituted into ``model``.
 
@@ -46,7 +56,7 @@ def task_loss_fn(model: nn.Module, task: str) -> LossFn:
         A function of (params, batch) returning a scalar loss tensor.
     """
     kind = model.kinds[task]
-    if getattr(getattr(model, "encoder", None), "is_gradient_checkpointing", False):
+    if _checkpointing(getattr(model, "encoder", None)):
         # Its recomputation runs in backward, after functional_call has put the module's own
         # weights back, so gradients at adapted parameters come out wrong (measured: errors of
         # order 10 on a tiny BERT). Refuse rather than train on wrong meta-gradients.
@@ -136,6 +146,6 @@ def accumulate_grads(params: Params, grads: Params) -> None:
     for name, grad in grads.items():
         p = params[name]
         if p.grad is None:
-            p.grad = grad.detach().clone()
+            p.grad = grad.detach()  # the algorithms hand over fresh tensors: no copy needed
         else:
             p.grad.add_(grad.detach())

@@ -99,8 +99,13 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
             # second order: this backpropagates through every inner step to θ
             episode_grads = torch.autograd.grad(query_loss, [params[n] for n in names], allow_unused=True)
             for name, grad in zip(names, episode_grads):
-                if grad is not None:
-                    grads[name] = grad / len(episodes) if name not in grads else grads[name] + grad / len(episodes)
+                if grad is None:
+                    continue
+                grad = grad.detach().div_(len(episodes))  # in place: no second copy of the gradients
+                if name in grads:
+                    grads[name].add_(grad)
+                else:
+                    grads[name] = grad
             query_losses.append(query_loss.detach())
             support_losses.extend(losses[:1])
     stats = {"loss": torch.stack(query_losses).mean().item()}
