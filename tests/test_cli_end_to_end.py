@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import metalm.experiments.runner as runner
 from metalm.cli import main
@@ -37,15 +36,6 @@ PINNED = {
 }
 CELL = re.compile(r"\d+\.\d ± \d+\.\d")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a small shared machine, torch's intra-op threads oversubscribe the cores (10-30x slower);
-    # the pinned numbers were recorded at one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,6 @@ from metalm.models.multitask import MultiTaskModel
 VOCAB, B, T = 100, 4, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (10x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(*, dtype=torch.float64, attn: str | None = None, seed: int = 0) -> MultiTaskModel:
     """A 1-layer BERT (hidden 8) with two classification heads, in eval mode (no dropout)."""
     from transformers import AutoModel, BertConfig

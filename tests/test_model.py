@@ -17,14 +17,6 @@ from metalm.train.evaluate import evaluate
 TASKS = ["rte", "stsb", "wnut16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a small shared machine, torch's intra-op threads oversubscribe the cores (10-30x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tasks(tokenizer, data_root, tmp_path_factory):

@@ -149,3 +149,11 @@ def accumulate_grads(params: Params, grads: Params) -> None:
             p.grad = grad.detach()  # the algorithms hand over fresh tensors: no copy needed
         else:
             p.grad.add_(grad.detach())
+
+
+def mean_losses(query_losses: Sequence[Tensor], support_losses: Sequence[Tensor]) -> dict[str, float]:
+    """Step statistics: mean query loss, and mean first-support loss (before adaptation) if any."""
+    stats = {"loss": torch.stack(list(query_losses)).mean().item()}
+    if support_losses:
+        stats["support_loss"] = torch.stack(list(support_losses)).mean().item()
+    return stats

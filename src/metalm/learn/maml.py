@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from metalm.learn.functional import Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
+from metalm.learn.functional import mean_losses, Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
 
 if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
     from metalm.learn.algorithms import Episode
@@ -108,10 +108,7 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
                     grads[name] = grad
             query_losses.append(query_loss.detach())
             support_losses.extend(losses[:1])
-    stats = {"loss": torch.stack(query_losses).mean().item()}
-    if support_losses:
-        stats["support_loss"] = torch.stack(support_losses).mean().item()
-    return grads, stats
+    return grads, mean_losses(query_losses, support_losses)
 
 
 class MAML:
