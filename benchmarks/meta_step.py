@@ -60,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch loads libgomp; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-METHODS = ("multitask", "fomaml", "maml", "reptile")
+METHODS = ("multitask", "fomaml", "maml", "maml_recompute", "reptile")
 FIRST_ORDER = ("fomaml", "reptile")  # rows that get the x (k+1) plain ratio
 TASK = "t"
 SAMPLE_INTERVAL_S = 0.005
@@ -213,8 +213,12 @@ def run_config(cfg: dict) -> dict:
     model.to(device).train()
 
     method, k = cfg["method"], cfg["k"]
-    algorithm = (build_algorithm("multitask") if method == "multitask"
-                 else build_algorithm(method, inner_steps=k, inner_lr=cfg["inner_lr"]))
+    if method == "multitask":
+        algorithm = build_algorithm("multitask")
+    elif method == "maml_recompute":  # second-order MAML recomputing its inner steps in backward
+        algorithm = build_algorithm("maml", inner_steps=k, inner_lr=cfg["inner_lr"], recompute_inner_steps=True)
+    else:
+        algorithm = build_algorithm(method, inner_steps=k, inner_lr=cfg["inner_lr"])
     batches = _batches(1 + cfg["max_k"], batch=cfg["batch"], seq=cfg["seq"], vocab=encoder.config.vocab_size,
                        seed=cfg["seed"], device=device)
     # multitask: k=0, no support batches; the query is the same batch 0 for every method
@@ -440,8 +444,8 @@ def main(argv=None) -> int:
     memory_method = rows[0]["memory_method"]
     other_memory = {label(r): r["memory_method"] for r in rows if r["memory_method"] != memory_method}
     attention = {label(r): r["attention"] for r in rows}
-    second_order_attn = sorted({r["attention"] for r in rows if r["method"] == "maml"})
-    other_attn = sorted({str(r["attention"]) for r in rows if r["method"] != "maml"})
+    second_order_attn = sorted({r["attention"] for r in rows if r["method"].startswith("maml")})
+    other_attn = sorted({str(r["attention"]) for r in rows if not r["method"].startswith("maml")})
 
     print(f"## meta-step benchmark: {args.encoder}, batch {args.batch} x {args.seq} tokens, "
           f"one episode per step, {args.repeats} timed steps (median) after 1 warm-up\n")

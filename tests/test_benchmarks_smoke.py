@@ -23,7 +23,7 @@ def test_meta_step_quick_runs_and_reports_every_configuration(tmp_path: Path):
 
     result = json.loads(out.read_text())
     rows = {(r["method"], r["k"]): r for r in result["rows"]}
-    expected = {("multitask", None)} | {(m, k) for m in ("fomaml", "maml", "reptile") for k in (1, 2)}
+    expected = {("multitask", None)} | {(m, k) for m in ("fomaml", "maml", "maml_recompute", "reptile") for k in (1, 2)}
     assert set(rows) == expected
     for key, row in rows.items():
         for field in ("step_time_s", "peak_mb", "x_multitask"):

@@ -97,6 +97,8 @@ class TrainSettings:
     """Meta-learning algorithms: the inner learning rate α."""
     first_order: bool = False
     """maml / metapretrain: drop second derivatives (FOMAML; Lv et al. Eq. 5)."""
+    recompute_inner_steps: bool = False
+    """maml / metapretrain, second order: recompute inner steps in backward to save memory."""
     task_inner_steps: dict[str, int] | None = None
     """reptile: task -> its own number of inner steps (Xue, Table 1)."""
     task_batch_sizes: dict[str, int] | None = None

@@ -61,7 +61,7 @@ def _second_order_context(first_order: bool):
 
 
 def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float, first_order: bool,
-               inner_steps: int | None = None) -> tuple[Params, dict[str, float]]:
+               inner_steps: int | None = None, recompute: bool = False) -> tuple[Params, dict[str, float]]:
     """The MAML (or FOMAML) meta-gradient, averaged over the episodes of a meta-batch.
 
     ``model`` is not modified (besides, for second order, the attention switch of
@@ -73,6 +73,8 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
         inner_lr: the inner learning rate α of Eq. 1.
         first_order: FOMAML (True) or MAML with second derivatives (False).
         inner_steps: k; None for one inner step per support batch.
+        recompute: second order only: recompute the inner steps in backward instead of keeping
+            their activations (memory roughly flat in k, one more forward/backward per step).
 
     Returns:
         (name -> mean meta-gradient, only for parameters some query loss reaches;
@@ -94,7 +96,7 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
             inner_fns = [task_loss_fn(model, episode.support_task(i)) for i in range(len(episode.support))] \
                 if episode.support_tasks else loss_fn
             adapted, losses = adapt_with_losses(inner_fns, params, episode.support, lr=inner_lr,
-                                                first_order=first_order, steps=inner_steps)
+                                                first_order=first_order, steps=inner_steps, recompute=recompute)
             query_loss = loss_fn(adapted, episode.query)
             # second order: this backpropagates through every inner step to θ
             episode_grads = torch.autograd.grad(query_loss, [params[n] for n in names], allow_unused=True)
@@ -120,10 +122,12 @@ class MAML:
         first_order: drop the second derivatives (FOMAML).
         cross_task: draw each support batch's task from the task distribution instead of
             the episode's task (Lv et al. 2020, Algorithm 1: meta-learning as pre-training).
+        recompute_inner_steps: second order: trade compute for memory by recomputing the
+            inner steps during the outer backward.
     """
 
     def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, first_order: bool = False,
-                 cross_task: bool = False):
+                 cross_task: bool = False, recompute_inner_steps: bool = False):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 0:
@@ -133,10 +137,11 @@ class MAML:
         self.first_order = first_order
         self.support_batches = inner_steps
         self.cross_task_support = cross_task
+        self.recompute_inner_steps = recompute_inner_steps
 
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds the mean meta-gradient into ``.grad``; returns ``loss`` and ``support_loss``."""
         grads, stats = maml_grads(model, episodes, inner_lr=self.inner_lr, first_order=self.first_order,
-                                  inner_steps=self.inner_steps)
+                                  inner_steps=self.inner_steps, recompute=self.recompute_inner_steps)
         accumulate_grads(trainable_params(model), grads)
         return stats
