@@ -4,11 +4,8 @@ or random initialisation at a named size.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # Random-initialised BERT sizes, for tests and pre-training from scratch.
 NAMED_SIZES: dict[str, dict[str, int]] = {

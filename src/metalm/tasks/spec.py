@@ -135,14 +135,27 @@ def read_split(spec: TaskSpec, split: str, *, root: str | Path, glue: str | Path
         return read_hub(hub.path, name=hub.name, split=hub.splits[split], columns=hub.columns or spec.columns,
                         parse_label=parse, data_files=hub.data_files, revision=hub.revision)
     if spec.split_ratios:
-        records = _read_file(spec, resolve_path(spec.files["all"], root=root, glue=glue), parse)
-        parts = split_records(records, spec.split_ratios, seed=spec.split_seed)
+        parts = _split_file(spec, resolve_path(spec.files["all"], root=root, glue=glue))
         if split not in parts:
             raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(parts)})")
         return parts[split]
     if split not in spec.files:
         raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(spec.files)})")
     return _read_file(spec, resolve_path(spec.files[split], root=root, glue=glue), parse)
+
+
+_SPLIT_MEMO: dict[tuple, dict[str, list[Record]]] = {}
+
+
+def _split_file(spec: TaskSpec, path: Path) -> dict[str, list[Record]]:
+    """The parts of a one-file task, parsed once per file version (not once per split)."""
+    stat = path.stat() if path.exists() else None
+    key = (repr(spec), str(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _SPLIT_MEMO:
+        records = _read_file(spec, path, _parser(spec))
+        _SPLIT_MEMO.clear()  # keep only the latest file: enough for loading its splits in a row
+        _SPLIT_MEMO[key] = split_records(records, spec.split_ratios, seed=spec.split_seed)
+    return _SPLIT_MEMO[key]
 
 
 def _parser(spec: TaskSpec):

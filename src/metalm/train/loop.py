@@ -104,14 +104,15 @@ def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, 
     """Support batches then one query batch, different batches of the episode's task (Dou §2.2);
     with cross-task support each support batch's task is drawn from the sampler (Lv et al.)."""
     k = algorithm.support_batches
-    if getattr(algorithm, "cross_task_support", False):
+    cross_task = getattr(algorithm, "cross_task_support", False)
+    if cross_task:
         names = [sampler.sample() for _ in range(k + 1)]
     else:
         name = sampler.sample()
         names = [name] * (getattr(algorithm, "task_inner_steps", {}).get(name, k) + 1)
     batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
-                   support_tasks=tuple(names[:-1]) if getattr(algorithm, "cross_task_support", False) else ())
+                   support_tasks=tuple(names[:-1]) if cross_task else ())
 
 
 def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
