@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -213,18 +214,24 @@ def test_demo_runs_without_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("METALM_DATA", str(missing))
     out = tmp_path / "demo"
     code, stdout = _run(["demo", "encoder.name=tiny", "seeds=[0]", "fractions=[0.3]", "methods.1.train.steps=10",
-                         f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.root=/nonexistent"])
+                         "methods.2.train.steps=3", "methods.3.train.steps=3", f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.root=/nonexistent"])
     assert code == 0
     assert "### metalm demo" in stdout
     assert "| method | polarity accuracy @30% |" in stdout
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in stdout.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"method", "target only (no auxiliary stage)", "joint multi-task"}
-    for method in ("target only (no auxiliary stage)", "joint multi-task"):
+    methods = ("target only (no auxiliary stage)", "joint multi-task", "FOMAML", "Reptile")
+    assert set(rows) == {"method", *methods}
+    for method in methods:
         assert CELL.fullmatch(rows[method]) and rows[method].endswith("± 0.0")  # one seed
     results = json.loads((out / "results.json").read_text())
     assert {r["train_size"] for r in results["runs"]} == {30}  # 30% of the 100 training sentences
     assert (out / "scores.png").is_file()
+    # The meta-learning stages ran their meta-steps (fomaml: support + query; reptile: inner steps).
+    for slug, algorithm in (("fomaml", "fomaml"), ("reptile", "reptile")):
+        log = [json.loads(line) for line in (out / "methods" / slug / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in log if r.get("event") == "train"]
+        assert train and train[-1]["step"] == 3 and all(math.isfinite(r["loss"]) for r in train)
     assert not missing.exists() and not Path("/nonexistent").exists()
 
 

@@ -144,7 +144,7 @@ def test_resumed_sweep_refuses_results_of_other_settings(tmp_path, data_root):
     from metalm import cli
 
     base = ["demo", "encoder.name=tiny", "seeds=[0]", "fractions=[0.3]", "methods.1.train.steps=4",
-            f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}"]
+            "methods=[{name: a}, {name: b, train: {tasks: [simlex], steps: 4}}]", f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}"]
     assert cli.main(base) == 0
     # Changing the fine-tuning settings must not silently reuse the finished runs.
     assert cli.main(base + ["finetune.epochs=1"]) == 2
