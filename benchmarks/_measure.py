@@ -347,3 +347,27 @@ def write_json(path: str, data: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
+
+
+def time_in_rounds(ctx, fn: Callable[[dict], dict], cfgs: list[dict], rounds: int, names: list[str]) -> list[dict]:
+    """Step times of every configuration, measured in ``rounds`` rounds that each run every
+    configuration once (a fresh process each, the order rotating from round to round), so a change
+    in the load of a shared machine falls on all of them alike rather than on whichever ran last.
+
+    Returns one result per configuration (``fn``'s, from its last round) with ``times_s`` every
+    timed step of every round and ``step_time_s`` their median.
+    """
+    results: list[dict | None] = [None] * len(cfgs)
+    times: list[list[float]] = [[] for _ in cfgs]
+    for r in range(rounds):
+        order = [(i + r) % len(cfgs) for i in range(len(cfgs))]
+        for i in order:
+            import sys
+
+            print(f"  round {r + 1}/{rounds}: {names[i]} ...", end=" ", file=sys.stderr, flush=True)
+            out = run_fresh(ctx, fn, dict(cfgs[i], measure="time"), f"{names[i]} (time)")
+            print(f"{out['step_time_s']:.3f} s/step", file=sys.stderr, flush=True)
+            times[i] += out["times_s"]
+            results[i] = out
+    return [{**res, "times_s": t, "step_time_s": statistics.median(t), "rounds": rounds}
+            for res, t in zip(results, times)]

@@ -1,7 +1,7 @@
 """Second-order MAML in metalm against `higher` and `torchopt`: the same meta-step, side by side.
 
     python benchmarks/maml_peers.py [--quick] [--encoder minilm] [--batch 8] [--seq 64] [--ks 1]
-                                    [--repeats 3] [--json out.json]
+                                    [--repeats 2] [--rounds 3] [--json out.json]
 
 Every implementation builds the same ``MultiTaskModel`` (MiniLM + one two-class head) from the same
 seed, switches it to eager attention (fused SDPA has no double backward, for any of them) and runs
@@ -23,12 +23,14 @@ through the inner steps to θ (``.grad``), then the fused AdamW step and ``zero_
 Before anything is timed, one process computes the meta-gradient of each implementation at the
 same θ with dropout off (``model.eval()``) and checks it equals metalm's (``torch.allclose``,
 rtol 1e-4, atol 1e-5 × the largest entry); a mismatch stops the run. Step time and peak memory are
-then measured as in ``meta_step.py`` (``_measure``: one fresh process for the time, another for the
-memory, with dropout on as in training). A peer that is not installed is reported as
+then measured as in ``meta_step.py`` (``_measure``: fresh processes for the time, another for the
+memory, with dropout on as in training). The step time is the median over ``--rounds`` rounds of
+``--repeats`` timed steps, each round running every implementation once in a fresh process in a
+rotating order, so a change in the load of a shared machine falls on all of them alike. A peer that is not installed is reported as
 "not installed" in the table, never left out silently (CI installs ``.[test]`` only; the peers are
 in the ``bench`` extra: ``pip install -e ".[bench]"``).
 
-``--quick`` (tiny random BERT, 2 x 16 tokens, k=1,2, 2 repeats) checks that the script runs.
+``--quick`` (tiny random BERT, 2 x 16 tokens, k=1,2, 1 round of 2 steps) checks that the script runs.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def run(args: argparse.Namespace, command: str) -> dict:
     device = _measure.resolve_device(args.device)
-    base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, repeats=args.repeats, device=device,
+    base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, repeats=args.repeats, rounds=args.rounds, device=device,
                 threads=args.threads, inner_lr=args.inner_lr, lr=args.lr, seed=args.seed)
     machine = _measure.machine(device, args.threads)
     present = [i for i in args.impls if installed(i)]
@@ -233,25 +235,25 @@ def run(args: argparse.Namespace, command: str) -> dict:
         wrong = [i for i, c in checks.items() if not c["equal"]]
         if wrong:
             raise RuntimeError(f"k={k}: meta-gradients of {', '.join(wrong)} differ from metalm's: {checks}")
-        for impl in args.impls:
-            if impl not in present:
-                rows.append({"impl": impl, "k": k, "status": f"not installed (pip install {impl}; "
-                                                              "or pip install -e '.[bench]')"})
-                continue
-            cfg = dict(base, k=k, impl=impl)
-            print(f"k={k} {impl} ...", end=" ", file=sys.stderr, flush=True)
-            timed = _measure.run_fresh(ctx, run_config, dict(cfg, measure="time"), f"{impl} k={k} (time)")
-            memory = _measure.run_fresh(ctx, run_config, dict(cfg, measure="memory"), f"{impl} k={k} (memory)")
-            row = {**memory, **timed, "check": checks[impl]}
-            print(f"{row['step_time_s']:.3f} s/step, peak +{row['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
-            rows.append(row)
+        missing = [{"impl": i, "k": k, "status": f"not installed (pip install {i}; or pip install -e '.[bench]')"}
+                   for i in args.impls if i not in present]
+        cfgs = [dict(base, k=k, impl=impl) for impl in present]
+        names = [f"{impl} k={k}" for impl in present]
+        timed = _measure.time_in_rounds(ctx, run_config, cfgs, args.rounds, names)
+        for cfg, name, time_row in zip(cfgs, names, timed):
+            print(f"  {name}: memory ...", end=" ", file=sys.stderr, flush=True)
+            memory = _measure.run_fresh(ctx, run_config, dict(cfg, measure="memory"), f"{name} (memory)")
+            print(f"peak +{memory['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+            rows.append({**memory, **time_row, "check": checks[cfg["impl"]]})
+        rows += missing
     add_ratios(rows)
     wall = time.perf_counter() - started
     checks = targets(rows)
     measured = [r for r in rows if not r.get("status")]
     versions = {p: _version(p) for p in PEERS}
     lines = [f"## second-order MAML vs peers: {args.encoder}, batch {args.batch} x {args.seq} tokens, "
-             f"α={args.inner_lr}, {args.repeats} timed steps (median) after 1 warm-up", "", table(rows), "",
+             f"α={args.inner_lr}, step time: median of {args.rounds} rounds x {args.repeats} timed steps (each round a "
+             "fresh process per implementation, after 1 warm-up)", "", table(rows), "",
              f"- command: `{command}` (cwd {os.getcwd()})",
              f"- machine: {_measure.machine_line(machine)} (load at start)",
              f"- peers: " + ", ".join(f"{p} {v or 'not installed'}" for p, v in versions.items()),
@@ -285,7 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="batch size B (default 8; quick: 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per example T (default 64; quick: 16)")
     p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1; quick: 1,2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 3; quick: 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds over all implementations (default 3; quick: 1)")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -294,8 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args(argv)
-    quick = dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2)
-    full = dict(encoder="minilm", batch=8, seq=64, ks="1", repeats=3)
+    quick = dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2, rounds=1)
+    full = dict(encoder="minilm", batch=8, seq=64, ks="1", repeats=2, rounds=3)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -305,8 +308,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--impls: choose from {', '.join(IMPLS)}, including metalm (the reference)")
     if not args.ks or min(args.ks) < 1:
         p.error("--ks: one or more integers >= 1")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.rounds < 1:
+        p.error("--repeats and --rounds must be >= 1")
     return args
 
 
