@@ -371,3 +371,30 @@ def time_in_rounds(ctx, fn: Callable[[dict], dict], cfgs: list[dict], rounds: in
             results[i] = out
     return [{**res, "times_s": t, "step_time_s": statistics.median(t), "rounds": rounds}
             for res, t in zip(results, times)]
+
+
+def add_common_args(p, *, model: bool = True) -> None:
+    """The options every benchmark script shares: --quick, --json and (``model``) the model's."""
+    p.add_argument("--quick", action="store_true", help="a small, fast run (a smoke test)")
+    if model:
+        p.add_argument("--encoder", default=None, help="encoder name for load_encoder (default minilm; quick: tiny)")
+        p.add_argument("--batch", type=int, default=None, help="batch size B (default 8; quick: 2)")
+        p.add_argument("--seq", type=int, default=None, help="tokens per example T (default 64; quick: 16)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--json", default=None, help="write all numbers to this file")
+
+
+def fill_defaults(args, quick: dict, full: dict) -> None:
+    """Sets every option left at None to its quick or full default."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def report(args, out: dict) -> int:
+    """Prints a script's report and writes its JSON (``--json``); the exit status."""
+    print(out["text"])
+    if args.json:
+        write_json(args.json, out["json"])
+    return 0

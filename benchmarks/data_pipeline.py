@@ -105,18 +105,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="SST-2 dev (872 sentences), 1 run")
+    _measure.add_common_args(p, model=False)
     p.add_argument("--task", default="sst2", help="a built-in task (default sst2)")
     p.add_argument("--split", default=None, help="split to load (default train; quick: dev)")
     p.add_argument("--repeats", type=int, default=None, help="first/cached load pairs (default 3; quick: 1)")
     p.add_argument("--tokenizer", default="minilm")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--data", default=None, help="data root (default $METALM_DATA, else ../shared/data)")
-    p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args(argv)
-    for key, quick, full in (("split", "dev", "train"), ("repeats", 1, 3)):
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    _measure.fill_defaults(args, quick=dict(split="dev", repeats=1), full=dict(split="train", repeats=3))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     return args
@@ -124,11 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = run(args, _measure.command_line(argv))
-    print(out["text"])
-    if args.json:
-        _measure.write_json(args.json, out["json"])
-    return 0
+    return _measure.report(args, run(args, _measure.command_line(argv)))
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = r["method"] + ("" if r["k"] is None else f" k={r['k']}")
-        lines.append(f"| {name} | {r['flops'] / 1e9:.2f} | {r['step_time_s']:.3f} | {r['achieved_flops_per_s'] / 1e9:.1f} | "
-                     f"{reference['flops_per_s'] / 1e9:.1f} | {r['utilisation']:.0%} |")
+        lines.append(f"| {name} | {r['flops'] / 1e9:.3g} | {r['step_time_s']:.3f} | {r['achieved_flops_per_s'] / 1e9:.3g} | "
+                     f"{reference['flops_per_s'] / 1e9:.3g} | {r['utilisation']:.1%} |")
     lines += ["", f"- command: `{command}` (cwd {os.getcwd()})",
               f"- machine: {_measure.machine_line(machine)} (load at start)",
               "- FLOPs: torch.utils.flop_counter.FlopCounterMode over one step (matmuls, attention; element-wise "
@@ -148,24 +148,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny random encoder, 2x16 tokens, N=256")
-    p.add_argument("--encoder", default=None, help="encoder name for load_encoder (default minilm; quick: tiny)")
-    p.add_argument("--batch", type=int, default=None, help="batch size B (default 8; quick: 2)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per example T (default 64; quick: 16)")
+    _measure.add_common_args(p)
     p.add_argument("--methods", default="multitask", help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--k", type=int, default=1, help="inner steps for the meta-learning methods")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 3; quick: 2)")
     p.add_argument("--sizes", default=None, help="matmul sizes N (default 512,1024,2048; quick: 256)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args(argv)
-    quick = dict(encoder="tiny", batch=2, seq=16, repeats=2, sizes="256")
-    full = dict(encoder="minilm", batch=8, seq=64, repeats=3, sizes="512,1024,2048")
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=2, seq=16, repeats=2, sizes="256"),
+                           full=dict(encoder="minilm", batch=8, seq=64, repeats=3, sizes="512,1024,2048"))
     args.sizes = [int(n) for n in str(args.sizes).split(",") if n.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods or any(m not in METHODS for m in args.methods):
@@ -177,11 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = run(args, _measure.command_line(argv))
-    print(out["text"])
-    if args.json:
-        _measure.write_json(args.json, out["json"])
-    return 0
+    return _measure.report(args, run(args, _measure.command_line(argv)))
 
 
 if __name__ == "__main__":

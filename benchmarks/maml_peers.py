@@ -30,7 +30,7 @@ rotating order, so a change in the load of a shared machine falls on all of them
 "not installed" in the table, never left out silently (CI installs ``.[test]`` only; the peers are
 in the ``bench`` extra: ``pip install -e ".[bench]"``).
 
-``--quick`` (tiny random BERT, 2 x 16 tokens, k=1,2, 1 round of 2 steps) checks that the script runs.
+``--quick`` (tiny random BERT, 2 x 16 tokens, k=1, 1 round of 2 steps) checks that the script runs.
 """
 
 from __future__ import annotations
@@ -282,26 +282,17 @@ def _version(package: str) -> str | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny random encoder, 2x16 tokens, k=1,2, 2 repeats")
-    p.add_argument("--encoder", default=None, help="encoder name for load_encoder (default minilm; quick: tiny)")
-    p.add_argument("--batch", type=int, default=None, help="batch size B (default 8; quick: 2)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per example T (default 64; quick: 16)")
-    p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1; quick: 1,2)")
+    _measure.add_common_args(p)
+    p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1; quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds over all implementations (default 3; quick: 1)")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args(argv)
-    quick = dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2, rounds=1)
-    full = dict(encoder="minilm", batch=8, seq=64, ks="1", repeats=2, rounds=3)
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=2, seq=16, ks="1", repeats=2, rounds=1),
+                           full=dict(encoder="minilm", batch=8, seq=64, ks="1", repeats=2, rounds=3))
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     args.impls = [m.strip() for m in args.impls.split(",") if m.strip()]
     if any(m not in IMPLS for m in args.impls) or "metalm" not in args.impls:
@@ -315,11 +306,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = run(args, _measure.command_line(argv))
-    print(out["text"])
-    if args.json:
-        _measure.write_json(args.json, out["json"])
-    return 0
+    return _measure.report(args, run(args, _measure.command_line(argv)))
 
 
 if __name__ == "__main__":
