@@ -1,12 +1,12 @@
 """Step time and peak memory of one meta-step: multitask vs FOMAML, MAML and Reptile at k inner steps.
 
     python benchmarks/meta_step.py [--quick] [--encoder minilm] [--batch 8] [--seq 64] [--ks 1,3,5]
-                                   [--repeats 3] [--json out.json]
+                                   [--repeats 2] [--rounds 2] [--json out.json]
 
 Every configuration (method, k) builds the same ``MultiTaskModel`` (one two-class classification
 head, ``add_task("t", "classification", 2)``) from the same seed, runs one episode per step on the
 same random token batches (B x T, attention mask all ones; the query is batch 0, the k support
-batches are batches 1..k). Each configuration is timed in one fresh process and its memory is
+batches are batches 1..k). Each configuration is timed in fresh processes and its memory is
 measured in another, so no configuration sees another's allocator state, caches or attention
 switch (second-order MAML switches the encoder to ``eager``); the processes are forked from a
 server that has imported torch and transformers once, which keeps ``--quick`` fast.
@@ -15,7 +15,9 @@ A step is what the training loop does per meta-step: ``algorithm.step`` (writes 
 fused AdamW ``optimizer.step()`` of ``metalm.train.optim.build_optimizer`` and
 ``optimizer.zero_grad(set_to_none=True)`` (the loop's gradient clipping is left out).
 
-* step time: the median of ``--repeats`` timed steps after one warm-up step.
+* step time: the median over ``--rounds`` rounds of ``--repeats`` timed steps after one warm-up
+  step; each round runs every configuration once, in a fresh process, in a rotating order, so a
+  change in the load of a shared machine falls on all of them alike.
 * peak memory, CPU: the memory process pins glibc's mmap threshold to 64 KiB before it builds the
   model (``mallopt``), so every tensor is mapped on allocation and unmapped on free and RSS follows
   live tensors (without this, freed chunks kept in the heap made the same measurement vary by
@@ -32,7 +34,7 @@ step time / ((k+1) x multitask step time), the cost of a k-step first-order meta
 k+1 plain steps (the performance target for FOMAML is <= 1.10 at k=5); and peak memory at k / peak
 memory at k=1 of the same method. Ratios are printed, never asserted: the machine may be shared.
 
-``--quick`` (tiny random BERT, 2 x 16 tokens, k=1,2, 2 repeats) checks that the script runs.
+``--quick`` (tiny random BERT, 2 x 16 tokens, k=1,2, 1 round of 2 steps) checks that the script runs.
 """
 
 from __future__ import annotations
@@ -153,30 +155,22 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny random encoder, 2x16 tokens, k=1,2, 2 repeats")
-    p.add_argument("--encoder", default=None, help="encoder name for load_encoder (default minilm; quick: tiny)")
-    p.add_argument("--batch", type=int, default=None, help="batch size B (default 8; quick: 2)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per example T (default 64; quick: 16)")
+    _measure.add_common_args(p)
     p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1,3,5; quick: 1,2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 3; quick: 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds over all configurations (default 2; quick: 1)")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write all numbers to this file")
     p.add_argument("--one", default=None, metavar="JSON",
                    help="measure one configuration in this process and print its result as JSON, for "
                         "debugging: a dict as run_config takes, e.g. {\"method\": \"fomaml\", \"k\": 5, "
                         "\"measure\": \"time\", \"encoder\": \"tiny\", \"batch\": 2, \"seq\": 16, \"repeats\": 2, "
                         "\"device\": \"cpu\", \"inner_lr\": 0.001, \"lr\": 5e-05, \"seed\": 0, \"max_k\": 5}")
     args = p.parse_args(argv)
-    quick = dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2)
-    full = dict(encoder="minilm", batch=8, seq=64, ks="1,3,5", repeats=3)
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2, rounds=1),
+                           full=dict(encoder="minilm", batch=8, seq=64, ks="1,3,5", repeats=2, rounds=2))
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if any(m not in METHODS for m in args.methods):
@@ -185,8 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--methods must include multitask (every ratio is relative to it)")
     if not args.ks or min(args.ks) < 1:
         p.error("--ks: one or more integers >= 1")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.rounds < 1:
+        p.error("--repeats and --rounds must be >= 1")
     return args
 
 
@@ -208,7 +202,8 @@ def targets(rows: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace, command: str) -> dict:
     """Measures every configuration; returns the report (``text``) and every number."""
     device = _measure.resolve_device(args.device)
-    base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, repeats=args.repeats, device=device,
+    base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, repeats=args.repeats, rounds=args.rounds,
+                device=device,
                 threads=args.threads, inner_lr=args.inner_lr, lr=args.lr, seed=args.seed, max_k=max(args.ks))
     configs = [dict(base, method=m, k=0 if m == "multitask" else k)
                for m in args.methods for k in ([0] if m == "multitask" else args.ks)]
@@ -216,14 +211,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
     machine = _measure.machine(device, args.threads)
     started = time.perf_counter()
     ctx = _measure.context()
+    names = [label(cfg) for cfg in configs]
+    timed = _measure.time_in_rounds(ctx, run_config, configs, args.rounds, names)
     rows = []
-    for i, cfg in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {label(cfg)} ...", end=" ", file=sys.stderr, flush=True)
-        timed = _measure_one(ctx, dict(cfg, measure="time"))
+    for cfg, name, time_row in zip(configs, names, timed):
+        print(f"  {name}: memory ...", end=" ", file=sys.stderr, flush=True)
         memory = _measure_one(ctx, dict(cfg, measure="memory"))
-        row = {**memory, **timed}  # the same model facts; time from one process, memory from the other
-        print(f"{row['step_time_s']:.3f} s/step, peak +{row['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
-        rows.append(row)
+        print(f"peak +{memory['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+        rows.append({**memory, **time_row})  # the same model facts; time and memory from separate processes
     add_ratios(rows)
     wall = time.perf_counter() - started
 
@@ -235,13 +230,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
     checks = targets(rows)
 
     lines = [f"## meta-step cost: {args.encoder}, batch {args.batch} x {args.seq} tokens, "
-             f"one episode per step, {args.repeats} timed steps (median) after 1 warm-up", "", table(rows), "",
+             f"one episode per step, step time: median of {args.rounds} rounds x {args.repeats} timed steps (each round "
+             "a fresh process per configuration, after 1 warm-up)", "", table(rows), "",
              f"- command: `{command}` (cwd {os.getcwd()})",
              f"- machine: {_measure.machine_line(machine)} (load at start)",
              f"- model: {rows[0]['params']:,} trainable parameters; fused AdamW: {rows[0]['fused_adamw']}; "
              f"attention: {', '.join(other_attn)}" + (f" (second-order MAML: {', '.join(map(str, second_order_attn))})"
                                                      if second_order_attn else ""),
-             "- step = algorithm.step + optimizer.step + zero_grad; each (method, k) timed in one fresh process "
+             "- step = algorithm.step + optimizer.step + zero_grad; each (method, k) timed in fresh processes (one a round) "
              "and its memory measured in another",
              f"- peak memory: increase during one step: {memory_method}"]
     lines += [f"  - except {name}: {how}" for name, how in other_memory.items()]
@@ -263,11 +259,7 @@ def main(argv=None) -> int:
     if args.one is not None:
         print(json.dumps(run_config(json.loads(args.one))))
         return 0
-    out = run(args, _measure.command_line(argv))
-    print(out["text"])
-    if args.json:
-        _measure.write_json(args.json, out["json"])
-    return 0
+    return _measure.report(args, run(args, _measure.command_line(argv)))
 
 
 if __name__ == "__main__":
