@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         module = SUITE[name]
         sub_argv = ["--quick"] if args.quick else []
         print(f"# {name} ...", file=sys.stderr, flush=True)
-        result = module.run(module.parse_args(sub_argv), f"{command}  [{name} {' '.join(sub_argv)}]".rstrip())
+        result = module.run(module.parse_args(sub_argv), f"{command} (part: {name})")
         print(result["text"] + "\n", flush=True)
         results.append(result)
     print(summary(results))
