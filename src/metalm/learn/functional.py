@@ -94,7 +94,7 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float,
         if grad is None:
             continue
         # first order: `grad` carries no graph, so dθ'/dθ = I
-        new[name] = params[name] - lr * grad
+        new[name] = torch.add(params[name], grad, alpha=-lr)  # θ − α·g in one kernel, no α·g temporary
     return new, loss.detach()
 
 
