@@ -398,3 +398,48 @@ def report(args, out: dict) -> int:
     if args.json:
         write_json(args.json, out["json"])
     return 0
+
+
+def add_meta_step_args(p, *, ks: str, rounds: str) -> None:
+    """The options of the scripts that time meta-steps: k values, repeats, rounds, α, β, seed."""
+    p.add_argument("--ks", default=None, help=f"inner steps, comma-separated ({ks})")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
+    p.add_argument("--rounds", type=int, default=None, help=f"timing rounds over all configurations ({rounds})")
+    p.add_argument("--inner-lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_meta_step_args(p, args) -> None:
+    """Parses ``--ks`` into a list and rejects values below 1 (``p.error``)."""
+    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    if not args.ks or min(args.ks) < 1:
+        p.error("--ks: one or more integers >= 1")
+    if args.repeats < 1 or args.rounds < 1:
+        p.error("--repeats and --rounds must be >= 1")
+
+
+def script_main(parse_args, run, argv=None) -> int:
+    """A benchmark script's ``main``: parse, run, print the report, write ``--json``."""
+    args = parse_args(argv)
+    return report(args, run(args, command_line(argv)))
+
+
+def build_model(*, encoder: str, device, seed: int, threads: int | None = None, task: str = "t"):
+    """The benchmarked model: ``encoder`` + one two-class classification head ``task``, seeded, in
+    train mode on ``device``; returns (model, torch.device)."""
+    import torch
+
+    from metalm.models.encoder import load_encoder
+    from metalm.models.multitask import MultiTaskModel
+
+    quiet_transformers()
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    enc, _ = load_encoder(encoder)
+    model = MultiTaskModel(enc)
+    model.add_task(task, "classification", 2)
+    model.to(device).train()
+    return model, device

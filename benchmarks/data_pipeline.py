@@ -120,8 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return _measure.report(args, run(args, _measure.command_line(argv)))
+    return _measure.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

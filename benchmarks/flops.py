@@ -39,15 +39,10 @@ def step_fn(method: str, *, encoder: str, batch: int, seq: int, k: int, device, 
     import torch
 
     from metalm.learn.algorithms import Episode, build_algorithm
-    from metalm.models.encoder import load_encoder
-    from metalm.models.multitask import MultiTaskModel
     from metalm.train.optim import build_optimizer
 
-    torch.manual_seed(seed)
-    enc, _ = load_encoder(encoder)
-    model = MultiTaskModel(enc)
-    model.add_task(TASK, "classification", 2)
-    model.to(device).train()
+    model, device = _measure.build_model(encoder=encoder, device=device, seed=seed, task=TASK)
+    enc = model.encoder
     k = 0 if method == "multitask" else k
     algorithm = build_algorithm(method) if method == "multitask" else build_algorithm(method, inner_steps=k, inner_lr=1e-3)
     batches = _measure.random_batches(1 + k, batch=batch, seq=seq, vocab=enc.config.vocab_size, seed=seed, device=device)
@@ -167,8 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return _measure.report(args, run(args, _measure.command_line(argv)))
+    return _measure.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -63,24 +63,13 @@ def installed(impl: str) -> bool:
 
 def _build(cfg: dict):
     """The model (eager attention), the episode's batches and the loss, identical for every implementation."""
-    import torch
-
     from metalm.learn.maml import ensure_double_backward_attention
-    from metalm.models.encoder import load_encoder
-    from metalm.models.multitask import MultiTaskModel
 
-    _measure.quiet_transformers()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
-    encoder, _ = load_encoder(cfg["encoder"])
-    model = MultiTaskModel(encoder)
-    model.add_task(TASK, "classification", 2)
-    model.to(device).train()
+    model, device = _measure.build_model(encoder=cfg["encoder"], device=cfg["device"], seed=cfg["seed"],
+                                         threads=cfg.get("threads"), task=TASK)
     ensure_double_backward_attention(model)
     batches = _measure.random_batches(1 + cfg["k"], batch=cfg["batch"], seq=cfg["seq"],
-                                      vocab=encoder.config.vocab_size, seed=cfg["seed"], device=device)
+                                      vocab=model.encoder.config.vocab_size, seed=cfg["seed"], device=device)
     return model, batches[1:], batches[0], device
 
 
@@ -286,30 +275,20 @@ def _version(package: str) -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _measure.add_common_args(p)
-    p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1; quick: 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds over all implementations (default 3; quick: 1)")
+    _measure.add_meta_step_args(p, ks="default 1; quick: 1", rounds="default 3; quick: 1")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
-    p.add_argument("--inner-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=2, seq=16, ks="1", repeats=2, rounds=1),
                            full=dict(encoder="minilm", batch=8, seq=64, ks="1", repeats=2, rounds=3))
-    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    _measure.check_meta_step_args(p, args)
     args.impls = [m.strip() for m in args.impls.split(",") if m.strip()]
     if any(m not in IMPLS for m in args.impls) or "metalm" not in args.impls:
         p.error(f"--impls: choose from {', '.join(IMPLS)}, including metalm (the reference)")
-    if not args.ks or min(args.ks) < 1:
-        p.error("--ks: one or more integers >= 1")
-    if args.repeats < 1 or args.rounds < 1:
-        p.error("--repeats and --rounds must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return _measure.report(args, run(args, _measure.command_line(argv)))
+    return _measure.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

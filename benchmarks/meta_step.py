@@ -69,20 +69,11 @@ def run_config(cfg: dict) -> dict:
     import torch
 
     from metalm.learn.algorithms import Episode, build_algorithm
-    from metalm.models.encoder import load_encoder
-    from metalm.models.multitask import MultiTaskModel
     from metalm.train.optim import build_optimizer
 
-    _measure.quiet_transformers()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
-
-    torch.manual_seed(cfg["seed"])
-    encoder, _ = load_encoder(cfg["encoder"])
-    model = MultiTaskModel(encoder)
-    model.add_task(TASK, "classification", 2)
-    model.to(device).train()
+    model, device = _measure.build_model(encoder=cfg["encoder"], device=cfg["device"], seed=cfg["seed"],
+                                         threads=cfg.get("threads"), task=TASK)
+    encoder = model.encoder
 
     method, k = cfg["method"], cfg["k"]
     if method == "multitask":
@@ -156,13 +147,8 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _measure.add_common_args(p)
-    p.add_argument("--ks", default=None, help="inner steps, comma-separated (default 1,3,5; quick: 1,2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per process (default 2; quick: 2)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds over all configurations (default 2; quick: 1)")
+    _measure.add_meta_step_args(p, ks="default 1,3,5; quick: 1,2", rounds="default 2; quick: 1")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--inner-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one", default=None, metavar="JSON",
                    help="measure one configuration in this process and print its result as JSON, for "
                         "debugging: a dict as run_config takes, e.g. {\"method\": \"fomaml\", \"k\": 5, "
@@ -171,16 +157,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=2, seq=16, ks="1,2", repeats=2, rounds=1),
                            full=dict(encoder="minilm", batch=8, seq=64, ks="1,3,5", repeats=2, rounds=2))
-    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    _measure.check_meta_step_args(p, args)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if any(m not in METHODS for m in args.methods):
         p.error(f"--methods: choose from {', '.join(METHODS)}")
     if "multitask" not in args.methods:
         p.error("--methods must include multitask (every ratio is relative to it)")
-    if not args.ks or min(args.ks) < 1:
-        p.error("--ks: one or more integers >= 1")
-    if args.repeats < 1 or args.rounds < 1:
-        p.error("--repeats and --rounds must be >= 1")
     return args
 
 
