@@ -34,3 +34,57 @@ def test_meta_step_quick_runs_and_reports_every_configuration(tmp_path: Path):
             value = rows[method, k]["x_k_plus_1_plain"]
             assert math.isfinite(value) and value > 0
     assert result["memory_method"] and result["machine"]["torch"]
+
+
+def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
+    """benchmarks/run_all.py --quick: every benchmark runs and produces finite numbers; the peers of
+    maml_peers are measured (meta-gradients checked equal) or reported as not installed, never absent."""
+    out = tmp_path / "all.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only", "maml_peers,data_pipeline,flops",
+                           "--json", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "## targets" in proc.stdout
+    result = json.loads(out.read_text())["results"]
+
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    peers = {(r["impl"], r["k"]): r for r in result["maml_peers"]["rows"]}
+    assert set(peers) == {(i, k) for i in ("metalm", "metalm_recompute", "higher", "torchopt") for k in (1,)}
+    for key, row in peers.items():
+        if row.get("status"):
+            assert key[0] in ("higher", "torchopt") and row["status"].startswith("not installed"), (key, row)
+            assert f"| {key[0]} | {key[1]} | not installed" in proc.stdout
+        else:
+            assert row["check"]["equal"] is True and positive(row["step_time_s"]) and positive(row["peak_mb"]), key
+
+    data = result["data_pipeline"]
+    assert data["examples"] == 872 and positive(data["speedup"]) and all(map(positive, data["first_s"] + data["cached_s"]))
+
+    flops = result["flops"]
+    assert positive(flops["matmul"]["flops_per_s"])
+    (row,) = flops["rows"]
+    assert row["method"] == "multitask" and positive(row["flops"]) and 0 < row["utilisation"] < 10
+
+
+def test_flop_count_of_a_training_step_matches_the_analytic_count():
+    """benchmarks/flops.py counts 3x the forward matmul FLOPs of a BERT step (backward: input and
+    weight gradients), checked against the hand count for the tiny encoder (hidden 32, 2 layers,
+    intermediate 64, 2 x 16 tokens, a 2-class head on the first token)."""
+    import torch
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    try:
+        import flops
+    finally:
+        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    B, T, H, I, L, C = 2, 16, 32, 64, 2, 2
+    step, _ = flops.step_fn("multitask", encoder="tiny", batch=B, seq=T, k=1, device=torch.device("cpu"),
+                            autocast_dtype=None)
+    step()
+    total, by_op = flops.count_flops(step)
+    linear = L * (4 * H * H + 2 * H * I)  # Q, K, V, output; the two feed-forward matrices
+    attention = L * 2 * (2 * B * T * T * H)  # Q K^T and (softmax) V, over all heads
+    forward = 2 * B * T * linear + attention + 2 * B * H * C
+    assert total == 3 * forward, by_op

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from metalm.learn.functional import mean_losses, Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
+from metalm.learn.functional import (mean_losses, Params, accumulate_grads, adapt_with_losses, episode_vocabulary,
+                                    task_loss_fn, trainable_params)
 
 if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
     from metalm.learn.algorithms import Episode
@@ -61,7 +62,8 @@ def _second_order_context(first_order: bool):
 
 
 def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float, first_order: bool,
-               inner_steps: int | None = None, recompute: bool = False) -> tuple[Params, dict[str, float]]:
+               inner_steps: int | None = None, recompute: bool = False,
+               compact_vocabulary: bool = True) -> tuple[Params, dict[str, float]]:
     """The MAML (or FOMAML) meta-gradient, averaged over the episodes of a meta-batch.
 
     ``model`` is not modified (besides, for second order, the attention switch of
@@ -75,6 +77,9 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
         inner_steps: k; None for one inner step per support batch.
         recompute: second order only: recompute the inner steps in backward instead of keeping
             their activations (memory roughly flat in k, one more forward/backward per step).
+        compact_vocabulary: run each episode on the word-embedding rows its batches use
+            (``episode_vocabulary``; the same meta-gradient, less memory and time); it applies
+            itself only where that is exact.
 
     Returns:
         (name -> mean meta-gradient, only for parameters some query loss reaches;
@@ -95,9 +100,14 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
             loss_fn = task_loss_fn(model, episode.task)
             inner_fns = [task_loss_fn(model, episode.support_task(i)) for i in range(len(episode.support))] \
                 if episode.support_tasks else loss_fn
-            adapted, losses = adapt_with_losses(inner_fns, params, episode.support, lr=inner_lr,
+            inner_params, support, query = params, list(episode.support), episode.query
+            if compact_vocabulary:
+                tasks = [episode.task, *(episode.support_task(i) for i in range(len(support)))]
+                inner_params, batches = episode_vocabulary(model, params, [*support, query], tasks)
+                support, query = batches[:-1], batches[-1]
+            adapted, losses = adapt_with_losses(inner_fns, inner_params, support, lr=inner_lr,
                                                 first_order=first_order, steps=inner_steps, recompute=recompute)
-            query_loss = loss_fn(adapted, episode.query)
+            query_loss = loss_fn(adapted, query)
             # second order: this backpropagates through every inner step to θ
             episode_grads = torch.autograd.grad(query_loss, [params[n] for n in names], allow_unused=True)
             for name, grad in zip(names, episode_grads):
