@@ -91,7 +91,7 @@ _COMMENT = re.compile(r"<!--.*?-->", re.S)
 _REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
 _DROP_TAGS = re.compile(r"<(math|gallery|timeline|code|pre|score|syntaxhighlight|imagemap)[^>]*>.*?</\1>", re.S | re.I)
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
-_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|Media):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]", re.I)
+_FILE_LINK = re.compile(r"\[\[\s*(?:File|Image|Category|Media):", re.I)
 _LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]")
 _EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
 _HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
@@ -107,7 +107,7 @@ def strip_wiki_markup(text: str) -> str:
     text = _DROP_TAGS.sub("", text)
     text = _remove_nested(text, "{{", "}}")
     text = _remove_nested(text, "{|", "|}")
-    text = _FILE_LINK.sub("", text)
+    text = _remove_file_links(text)
     text = _LINK.sub(r"\1", text)
     text = _EXT_LINK.sub(r"\1", text)
     text = _TAG.sub("", text)
@@ -123,6 +123,28 @@ def strip_wiki_markup(text: str) -> str:
         if line:
             lines.append(line)
     return "\n".join(lines)
+
+
+def _remove_file_links(text: str) -> str:
+    """Removes [[File:...]], [[Image:...]], [[Category:...]] links, captions with nested links included."""
+    out, i = [], 0
+    for match in _FILE_LINK.finditer(text):
+        if match.start() < i:
+            continue
+        out.append(text[i:match.start()])
+        depth, j = 0, match.start()
+        while j < len(text):
+            if text.startswith("[[", j):
+                depth, j = depth + 1, j + 2
+            elif text.startswith("]]", j):
+                depth, j = depth - 1, j + 2
+                if depth == 0:
+                    break
+            else:
+                j += 1
+        i = j
+    out.append(text[i:])
+    return "".join(out)
 
 
 def _remove_nested(text: str, open_: str, close: str) -> str:
