@@ -34,3 +34,15 @@ def test_meta_step_quick_runs_and_reports_every_configuration(tmp_path: Path):
             value = rows[method, k]["x_k_plus_1_plain"]
             assert math.isfinite(value) and value > 0
     assert result["memory_method"] and result["machine"]["torch"]
+
+
+def test_sampler_overhead_quick_runs_and_reports_the_overhead(tmp_path: Path):
+    out = tmp_path / "sampler_overhead.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "benchmarks/sampler_overhead.py", "--quick", "--steps", "6", "--k", "3",
+                           "--json", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| MOMETAS |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["runs"]["uniform"]) == len(result["runs"]["mometas"]) == 1
+    assert result["meta_test_s"] > 0 and math.isfinite(result["overhead_pct"])
