@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = build_model(EncoderConfig(name=args.encoder), seed=0)
-    corpus = CorpusConfig(paths=(args.corpus,), max_sentences=200 if args.quick else 4000)
+    corpus = CorpusConfig(paths=(args.corpus,), max_sentences=60 if args.quick else 4000)
     tasks = build_objectives([ObjectiveConfig(objective=o, corpus=corpus) for o in OBJECTIVES], tokenizer,
                              data=DataConfig(cache_dir=None), max_length=args.seq, seed=0)
     add_heads(model, tasks, seed=0)
