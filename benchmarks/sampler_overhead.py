@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     model, tokenizer = build_model(EncoderConfig(name=args.encoder), seed=0)
     corpus = CorpusConfig(paths=(args.corpus,), max_sentences=60 if args.quick else 4000)
     tasks = build_objectives([ObjectiveConfig(objective=o, corpus=corpus) for o in OBJECTIVES], tokenizer,
-                             data=DataConfig(cache_dir=None), max_length=args.seq, seed=0)
+                             data=DataConfig(), max_length=args.seq, seed=0)  # tokens and entity tags cached
     add_heads(model, tasks, seed=0)
     initial = copy.deepcopy(model.state_dict())
     meta_test_time = [0.0]
