@@ -88,3 +88,15 @@ def test_flop_count_of_a_training_step_matches_the_analytic_count():
     attention = L * 2 * (2 * B * T * T * H)  # Q K^T and (softmax) V, over all heads
     forward = 2 * B * T * linear + attention + 2 * B * H * C
     assert total == 3 * forward, by_op
+
+
+def test_sampler_overhead_quick_runs_and_reports_the_overhead(tmp_path: Path):
+    out = tmp_path / "sampler_overhead.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "benchmarks/sampler_overhead.py", "--quick", "--steps", "6", "--k", "3",
+                           "--json", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| MOMETAS |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["runs"]["uniform"]) == len(result["runs"]["mometas"]) == 1
+    assert result["meta_test_s"] > 0 and math.isfinite(result["overhead_pct"])

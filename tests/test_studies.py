@@ -11,7 +11,7 @@ import yaml
 from metalm import cli
 from metalm.config import read_yaml
 
-STUDIES = ["dou", "dou_distributions", "dou_hyper", "dou_transfer", "xue", "lv"]
+STUDIES = ["dou", "dou_distributions", "dou_hyper", "dou_transfer", "xue", "lv", "mometas"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,10 @@ def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
     for method in data["methods"]:
         if method.get("train"):
             method["train"] = {**method["train"], "steps": 2, "batch_size": 4, "checkpoint_every": 0}
+            if method["train"].get("objectives"):  # corpus objectives: a few sentences, a meta-test every step
+                method["train"]["objectives"] = [{**o, "corpus": {**o["corpus"], "max_sentences": 40}}
+                                                 for o in method["train"]["objectives"]]
+                method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
     path = out.parent / f"{study}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -51,3 +55,6 @@ def test_study_runs_end_to_end(study, tmp_path, data_root, shared_cache, capsys)
     assert (tmp_path / "out" / "scores.png").stat().st_size > 0
     if study == "lv":  # per-epoch fine-tuning curves (Lv et al. Fig. 2)
         assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+    if study == "mometas":  # sampling weights and rewards against uniform (Wu et al. Figs. 2-3)
+        assert (tmp_path / "out" / "sampler_weights.png").stat().st_size > 0
+        assert (tmp_path / "out" / "sampler_rewards.png").stat().st_size > 0

@@ -13,7 +13,7 @@ import torch
 from metalm.learn.samplers import CategoricalSampler, MixedSampler, size_probabilities
 from metalm.models.encoder import load_encoder
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
-from metalm.schema import DataConfig, EncoderConfig, OptimConfig, SamplerConfig, TaskRef
+from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
 from metalm.tasks.task import Task, load_task
 from metalm.train.optim import build_optimizer, linear_warmup_decay
@@ -66,7 +66,9 @@ def add_heads(model: MultiTaskModel, tasks: Mapping[str, Task], *, seed: int) ->
             model.add_task(name, task.kind, task.spec.num_labels)
 
 
-def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int):
+def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, batch_size: int = 32):
+    if cfg.kind in ("gradient", "loss", "mometas"):
+        return build_adaptive_sampler(cfg, list(tasks), seed=seed, batch_size=batch_size)
     sizes = {name: task.size("train") for name, task in tasks.items()}
     if cfg.kind == "mixed":
         if cfg.target not in tasks or len(tasks) < 2:
@@ -85,3 +87,38 @@ def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
                                 kind=cfg.name)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     return optimizer, scheduler
+
+
+def build_adaptive_sampler(cfg: SamplerConfig, names: Sequence[str], *, seed: int, batch_size: int):
+    """Gradient-based, loss-based (Wu §3.3) or MOMETAS (Wu §3.4) sampling over ``names``."""
+    from metalm.learn.objective_samplers import MometasSampler, SignalSampler
+
+    if cfg.kind == "mometas":
+        return MometasSampler(names, seed=seed, update_every=cfg.update_every, meta_lr=cfg.meta_lr,
+                              entropy_weight=cfg.entropy_weight, reward_kind=cfg.reward,
+                              validation_batch_size=cfg.validation_batch_size or batch_size)
+    return SignalSampler(names, seed=seed, signal=cfg.kind, update_every=cfg.update_every, scaling=cfg.scaling)
+
+
+def build_objectives(objectives: Sequence[ObjectiveConfig], tokenizer, *, data: DataConfig, max_length: int,
+                     seed: int) -> dict:
+    """Corpus objectives (``metalm.objectives``) as tasks, keyed by name."""
+    from metalm.objectives.task import load_objective
+    from metalm.tasks.spec import resolve_path
+    from metalm.tasks.task import tokenizer_fingerprint
+
+    out = {}
+    tok_id = tokenizer_fingerprint(tokenizer)
+    for cfg in objectives:
+        name = cfg.name or cfg.objective
+        if name in out:
+            raise ValueError(f"objective {name} is listed twice (give one of them a `name`)")
+        corpus = cfg.corpus
+        out[name] = load_objective(cfg.objective, tokenizer, name=name,
+                                   paths=[str(resolve_path(p, root=data.root, glue=data.glue)) for p in corpus.paths],
+                                   format=corpus.format, seed=seed, validation_fraction=corpus.validation_fraction,
+                                   max_documents=corpus.max_documents, max_sentences=corpus.max_sentences,
+                                   min_chars=corpus.min_chars, max_length=max_length, cache_dir=data.cache_dir,
+                                   tokenizer_id=tok_id, mask_prob=cfg.mask_prob, whole_word=cfg.whole_word,
+                                   entity_prob=cfg.entity_prob)
+    return out

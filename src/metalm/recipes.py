@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from metalm.builders import add_heads, build_model, build_optimization, build_sampler, build_tasks, resolve_device
+from metalm.builders import (add_heads, build_model, build_objectives, build_optimization, build_sampler, build_tasks,
+                             resolve_device)
 from metalm.config import check_same_settings, to_dict
 from metalm.learn.algorithms import algorithm_settings, build_algorithm
 from metalm.learn.samplers import CategoricalSampler
@@ -51,14 +52,19 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     if resume and (final / "heads.json").exists():
         return final
     settings = cfg.train
-    if not settings.tasks:
-        raise ValueError("train.tasks is empty: name at least one task")
+    if not settings.tasks and not settings.objectives:
+        raise ValueError("train.tasks and train.objectives are empty: name at least one task or objective")
     model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
     tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)
+    for name, objective in build_objectives(settings.objectives, tokenizer, data=cfg.data,
+                                            max_length=cfg.encoder.max_length, seed=cfg.seed).items():
+        if name in tasks:
+            raise ValueError(f"objective {name} has the name of a task in train.tasks")
+        tasks[name] = objective
     add_heads(model, tasks, seed=cfg.seed)
     model.to(resolve_device(cfg.device))
     optimizer, scheduler = build_optimization(model, settings.optim, steps=settings.steps)
-    sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed)
+    sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed, batch_size=settings.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     seed_everything(cfg.seed)
@@ -74,6 +80,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard)
+    if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
+        write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
+                                                            "history": sampler.history}, indent=1))
     tmp = out / ".final-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -54,9 +54,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    kind: Literal["uniform", "proportional", "temperature", "weights", "mixed"] = "proportional"
+    kind: Literal["uniform", "proportional", "temperature", "weights", "mixed", "gradient", "loss", "mometas"] = "proportional"
     """Task distribution: uniform, proportional to size (PPS), size^(1/T), given weights, or
-    mixed (Dou §2.4: each period uniform over the other tasks, then only `target`)."""
+    mixed (Dou §2.4: each period uniform over the other tasks, then only `target`); adaptive
+    (Wu et al. 2022): gradient (Gb), loss (Lb) or the learned mometas."""
     temperature: float = 1.0
     """T for kind=temperature."""
     weights: dict[str, float] | None = None
@@ -67,6 +68,18 @@ class SamplerConfig:
     """kind=mixed: task draws per period."""
     uniform_fraction: float = 0.5
     """kind=mixed: fraction of each period drawn uniformly from the other tasks."""
+    update_every: int = 100
+    """gradient / loss / mometas: K, steps between distribution updates (MOMETAS's meta length)."""
+    scaling: Literal["proportional", "sigmoid"] = "sigmoid"
+    """gradient / loss: weights proportional to the signal or to a sigmoid of the standardised signal."""
+    meta_lr: float = 0.1
+    """mometas: β, the meta step size (0: uniform sampling that still records rewards)."""
+    entropy_weight: float = 0.0
+    """mometas: λ, the entropy regularisation weight (Eq. 4)."""
+    reward: Literal["relative", "overall", "hard"] = "relative"
+    """mometas: relative loss drops (Eq. 3), the overall loss, or ±1 per objective (their Table 3)."""
+    validation_batch_size: int | None = None
+    """mometas: examples per task in each meta-test (default: train.batch_size)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,41 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CorpusConfig:
+    """Unlabelled text for pre-training objectives (metalm.data.corpus)."""
+
+    paths: tuple[str, ...]
+    """Files or folders ({root} expands to data.root): plain text, one document per line, Wikipedia .xml.bz2."""
+    format: Literal["auto", "text", "lines", "wikipedia"] = "auto"
+    """How to read them; auto: .bz2/.xml -> wikipedia, .cor/.lines -> lines, else one document per file."""
+    max_documents: int | None = None
+    """Read at most this many documents."""
+    max_sentences: int | None = 20000
+    """Stop reading after this many training sentences (null: the whole corpus)."""
+    validation_fraction: float = 0.05
+    """Documents held out for validation (a seeded hash of each document)."""
+    min_chars: int = 20
+    """Drop sentences shorter than this."""
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """A pre-training objective on a corpus, trained like a task (its own head on the shared encoder)."""
+
+    objective: Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd"]
+    """mlm, emlm (entity masking), nsp, sop, cse (SimCSE), atd (added-token) or dtd (deleted-token detection)."""
+    corpus: CorpusConfig
+    name: str | None = None
+    """Task/head name (default: the objective)."""
+    mask_prob: float = 0.15
+    """mlm: masking rate; atd: insertion rate; dtd: deletion rate."""
+    whole_word: bool = False
+    """mlm: mask whole words."""
+    entity_prob: float = 0.5
+    """emlm: fraction of entities masked."""
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     tasks: tuple[TaskRef, ...] = ()
     """Tasks trained jointly."""
@@ -99,6 +147,8 @@ class TrainSettings:
     """maml / metapretrain: drop second derivatives (FOMAML; Lv et al. Eq. 5)."""
     recompute_inner_steps: bool = False
     """maml / metapretrain, second order: recompute inner steps in backward to save memory."""
+    objectives: tuple[ObjectiveConfig, ...] = ()
+    """Pre-training objectives on corpora, trained as further tasks beside `tasks`."""
     task_inner_steps: dict[str, int] | None = None
     """reptile: task -> its own number of inner steps (Xue, Table 1)."""
     task_batch_sizes: dict[str, int] | None = None

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from metalm.builders import build_model
 from metalm.config import check_same_settings, to_dict
 from metalm.experiments.report import write_reports
+from metalm.experiments.sampler_plots import plot_sampler_histories
 from metalm.recipes import run_finetune, run_train
 from metalm.schema import ExperimentConfig, FinetuneConfig, MethodConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
@@ -81,8 +82,12 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
     if cfg.notes:
         note += "\n\n" + cfg.notes.strip()
-    return rows, write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note,
-                               curves=curves)
+    paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves)
+    # Adaptive samplers' weights and rewards (Wu et al. Figs. 2-3); uniform = MOMETAS with β = 0.
+    uniform = next((_slug(m.name) for m in cfg.methods if m.train and m.train.sampler.kind == "mometas"
+                    and m.train.sampler.meta_lr == 0), None)
+    paths.update(plot_sampler_histories(out, uniform=uniform))
+    return rows, paths
 
 
 def _slug(name: str) -> str:

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metalm.data.tokenize import IGNORE_INDEX
+from metalm.objectives.heads import contrastive_logits
 from metalm.tasks.kinds import is_token_level, make_head, task_loss
 
 HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
@@ -53,12 +55,22 @@ class MultiTaskModel(nn.Module):
         self.num_labels[name] = num_labels
 
     def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of ``task``'s head: (B, C) per sentence or (B, T, C) per token."""
+        """Logits of ``task``'s head: (B, C) per sentence or (B, T, C) per token; pre-training kinds:
+        (N, V) at the N masked positions (``mlm``), (B, B) view similarities (``contrastive``)."""
+        kind = self.kinds[task]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        if kind == "contrastive":  # SimCSE: two dropout views of every sentence in one pass
+            inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}  # (2B, T)
         hidden = self.encoder(**inputs).last_hidden_state  # (B, T, H)
-        if not is_token_level(self.kinds[task]):
-            hidden = self._pool(hidden, batch["attention_mask"])  # (B, H)
-        return self.heads[task](hidden)
+        if kind == "mlm":  # project only the masked positions onto the (tied) vocabulary
+            masked = hidden[batch["labels"] != IGNORE_INDEX]  # (N, H)
+            return self.heads[task](masked, self.encoder.get_input_embeddings().weight)  # (N, V)
+        if not is_token_level(kind):
+            hidden = self._pool(hidden, inputs["attention_mask"])  # (B, H)
+        out = self.heads[task](hidden)
+        if kind == "contrastive":
+            return contrastive_logits(*out.chunk(2))  # (B, B)
+        return out
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":

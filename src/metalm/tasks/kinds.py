@@ -15,6 +15,12 @@ IGNORE_INDEX = -100  # token positions without a label (sub-word continuations, 
 
 def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 0.1) -> nn.Module:
     """A dropout + linear head; sentence kinds read a pooled vector, token kinds every position."""
+    if kind == "mlm":  # pre-training objectives (metalm.objectives): num_labels is the vocabulary size
+        from metalm.objectives.heads import MaskedLMHead
+        return MaskedLMHead(hidden_size, num_labels)
+    if kind == "contrastive":
+        from metalm.objectives.heads import contrastive_head
+        return contrastive_head(hidden_size)
     out = 1 if kind == "regression" else num_labels
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, out))
 
@@ -30,9 +36,13 @@ def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         logits: (B, C) for sentence classification, (B,) or (B, 1) for regression,
             (B, T, C) for token classification.
         labels: (B,) class indices or scores, or (B, T) tag indices with IGNORE_INDEX.
+            Pre-training kinds: ``mlm`` takes (N, V) logits of the N labelled positions of (B, T)
+            labels; ``contrastive`` takes (B, B) similarity logits and labels ``arange(B)``.
     """
     if kind == "regression":
         return F.mse_loss(logits.reshape(-1), labels.float())
+    if kind == "mlm":  # logits only at the labelled positions: (N, V)
+        return F.cross_entropy(logits, labels[labels != IGNORE_INDEX])
     if kind == "token_classification":
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels)

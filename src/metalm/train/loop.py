@@ -21,6 +21,7 @@ from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
 from metalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metalm.train.evaluate import evaluate
+from metalm.train.feedback import encoder_grad_norm, validation_losses
 from metalm.train.logging import RunLogger
 
 
@@ -69,15 +70,20 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress or None,
                dynamic_ncols=True)
     try:
+        if start == 0:
+            _meta_test(sampler, model, tasks, 0)
         for step in bar:
             episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
             optimizer.zero_grad(set_to_none=True)
             stats = algorithm.step(model, episodes)
+            if getattr(sampler, "needs_encoder_grad_norm", False):
+                stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(model, clip_norm)
             optimizer.step()
             scheduler.step()
             sampler.update({"tasks": [e.task for e in episodes], **stats})
             done = step + 1
+            _meta_test(sampler, model, tasks, done)
             result.step, result.last_loss = done, stats.get("loss", float("nan"))
             if log_every and (done % log_every == 0 or done == steps):
                 logger.log({"event": "train", "step": done, "task": episodes[0].task,
@@ -113,6 +119,14 @@ def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, 
     batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
                    support_tasks=tuple(names[:-1]) if cross_task else ())
+
+
+def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Task], done: int) -> None:
+    """Validation losses of every task for samplers that ask for them (MOMETAS) after ``done`` steps."""
+    wants = getattr(sampler, "wants_validation", None)
+    if wants is not None and wants(done):
+        sampler.update({"validation_losses": validation_losses(model, tasks,
+                                                               batch_size=sampler.validation_batch_size)})
 
 
 def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
