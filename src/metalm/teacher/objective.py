@@ -169,8 +169,8 @@ def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_
     query_grads = torch.autograd.grad(query_loss, [theta2[n] for n in names])
     step = _flat(theta0[n].detach() - theta1[n].detach() for n in names)  # θ0 − θ1
     h = pseudo_label_h(_flat(query_grads), step, form=h_form, inner_lr=inner_lr, pre_grad=_flat(pre_grads))
-    stats = {"h": float(h.detach()), "pre_loss": float(pre_loss), "support_loss": float(support_loss),
-             "query_loss": float(query_loss)}
+    stats = {"h": float(h.detach()), "pre_loss": float(pre_loss.detach()), "support_loss": float(support_loss),
+             "query_loss": float(query_loss.detach())}
     student_grads = dict(zip(names, pre_grads))
     if not bool(torch.isfinite(h)):
         stats["skipped"] = 1.0
@@ -214,7 +214,7 @@ def soft_meta_loss(teacher: nn.Module, student: nn.Module, t_params: Params, s_p
     theta1 = {n: theta0[n] - inner_lr * g for n, g in zip(names, pre_grads)}  # still a function of θT
     theta2, support_loss = inner_step(loss_fn, theta1, support, lr=inner_lr, first_order=False)
     query_loss = loss_fn(theta2, query)
-    stats = {"pre_loss": float(pre_loss), "support_loss": float(support_loss), "query_loss": float(query_loss)}
+    stats = {"pre_loss": float(pre_loss.detach()), "support_loss": float(support_loss), "query_loss": float(query_loss.detach())}
     return query_loss, {n: g.detach() for n, g in zip(names, pre_grads)}, stats, pseudo
 
 
