@@ -203,8 +203,9 @@ def test_every_method_pretrains_with_finite_losses(method):
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     unlabelled = tm.unlabelled_sequences(32, noise=0.1, seed=0)
     held = obj.mask_tokens(unlabelled[:8], masking_scheme(), generator=torch.Generator().manual_seed(0))
+    labelled = tm.labelled_set(10, noise=0.1, seed=1)
     out = pretrain(PretrainSettings(method, samples=32, warmup=1), teacher, student, unlabelled,
-                   tm.labelled_set(10, noise=0.1, seed=1), held, seed=0)
+                   [(labelled.inputs, labelled.targets())], held, seed=0)
     assert out["steps"] == 2 and np.isfinite(out["curve"][-1]["mlm_loss"])
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
 
@@ -229,3 +230,18 @@ def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
     assert 0.0 <= result["test_accuracy"] <= 1.0 and len(result["teacher_samples"]) == 3
     assert main(["twomoons", "--quick", "--out", str(out), "--workers", "1"]) == 0
     assert "7 of 7 runs already done; running 0" in capsys.readouterr().out
+
+
+def test_lmtext_quick_runs_mlm_and_soft_labels_and_logs_the_teacher(tmp_path, data_root, capsys):
+    corpus = tmp_path / "corpus.txt"  # a slice of the real corpus keeps the test short
+    lines = (data_root / "corpus" / "lee_background.cor").read_text(encoding="utf-8").splitlines()
+    corpus.write_text("\n".join(lines[:40]), encoding="utf-8")
+    out = tmp_path / "text"
+    assert main(["lmtext", "--quick", "--data", str(data_root), "--corpus", str(corpus), "--out", str(out)]) == 0
+    soft = json.loads((out / "runs" / "soft.json").read_text())
+    assert set(soft["scores"]) == {"sst2", "subj"}
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in soft["scores"].values())
+    logged = soft["teacher_samples"]
+    assert [e["step"] for e in logged] == [1, 2] and logged[0]["samples"][0]["x_u"].startswith("[CLS0]")
+    text = (out / "results.md").read_text()
+    assert "| mlm |" in text and "| soft |" in text and "soft teacher after 2 optimizer steps" in text

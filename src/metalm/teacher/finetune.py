@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -11,40 +12,53 @@ from metalm.learn.functional import trainable_params
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
 from metalm.teacher.model import Encoder
-from metalm.teacher.pretrain import _apply, adamw, inverse_sqrt, labelled_batch
+from metalm.teacher.pretrain import PAD, _apply, adamw, inverse_sqrt, labelled_batch
 
 # Table 6: the batch size grows with the labelled set (10, 20, 40, 80, 160 -> 1, 2, 4, 8, 16).
 FINETUNE_BATCH = {10: 1, 20: 2, 40: 4, 80: 8, 160: 16}
 
 
+class Labelled(Protocol):
+    """A labelled set: ``inputs`` (n, T) ids, ``labels`` (n,), ``label_ids`` (the label tokens),
+    ``targets()`` (n, T) the label token repeated over the input."""
+
+    inputs: Tensor
+    labels: Tensor
+    label_ids: tuple[int, ...]
+
+    def targets(self) -> Tensor: ...
+
+
 @torch.no_grad()
-def predict(student: Encoder, inputs: Tensor, *, chunk: int = 1024) -> Tensor:
-    """Labels from the LM head: the label token with the larger summed logit over positions.
+def predict(student: Encoder, inputs: Tensor, *, label_ids: tuple[int, ...] = (tm.VOCAB.label0, tm.VOCAB.label1),
+            chunk: int = 1024) -> Tensor:
+    """Labels from the LM head: the label token with the largest logit summed over non-pad positions.
 
     Args:
-        inputs: (n, 4) ids ``[CLS2] x y [SEP]``.
+        inputs: (n, T) ids, e.g. ``[CLS2] x y [SEP]``.
+        label_ids: the label tokens, in label order.
 
     Returns:
-        (n,) int64 in {0, 1}.
+        (n,) int64 label indices.
     """
     was_training = student.training
     student.eval()
-    v = tm.VOCAB
     out = []
     for start in range(0, len(inputs), chunk):
         x = inputs[start:start + chunk]
-        logits = student(x, x != v.pad)["output"]  # (n, 4, V)
-        scores = logits[..., [v.label0, v.label1]].sum(1)  # (n, 2)
+        keep = x != PAD  # (n, T)
+        logits = student(x, keep)["output"]  # (n, T, V)
+        scores = (logits[..., list(label_ids)] * keep[..., None]).sum(1)  # (n, labels)
         out.append(scores.argmax(-1))
     student.train(was_training)
     return torch.cat(out)
 
 
-def accuracy(student: Encoder, data: tm.LabelledSet) -> float:
-    return float((predict(student, data.inputs) == data.labels).float().mean())
+def accuracy(student: Encoder, data: Labelled) -> float:
+    return float((predict(student, data.inputs, label_ids=data.label_ids) == data.labels).float().mean())
 
 
-def finetune(student: Encoder, train: tm.LabelledSet, val: tm.LabelledSet, *, epochs: int = 100,
+def finetune(student: Encoder, train: Labelled, val: Labelled, *, epochs: int = 100,
              batch_size: int | None = None, peak_lr: float = 0.04 / 10 ** 0.5, warmup: int = 10,
              weight_decay: float = 0.01, clip: float = 5.0, seed: int = 0) -> dict:
     """Fine-tunes ``student`` in place on ``train`` and leaves it at its best validation accuracy.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from metalm.teacher.model import Encoder
 from metalm.train.optim import build_optimizer
 
 METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
+PAD = 0  # the padding id of every vocabulary here
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _apply(model: nn.Module, optimizer, *, lr: float, clip: float) -> None:
 
 
 def labelled_batch(tokens: Tensor, targets: Tensor) -> obj.Batch:
-    keep = tokens != tm.VOCAB.pad
+    keep = tokens != PAD
     return {"tokens": tokens, "keep": keep, "target": targets, "weight": keep.float()}
 
 
@@ -103,28 +105,34 @@ def _pad_cat(batches: list[obj.Batch]) -> obj.Batch:
 
 
 class TaskSampler:
-    """Support and query batches from the same task (§4.1): the Two Moons set, or (soft labels)
-    the MLM task on unlabelled data with probability ½, ``samples_per_task`` examples per draw."""
+    """Support and query batches from the same task (§4.1): a labelled task drawn uniformly, or
+    (``mlm_task``, soft labels) the MLM task on unlabelled data with probability ½, with
+    ``samples_per_task`` examples per draw.
 
-    def __init__(self, train: tm.LabelledSet, unlabelled: Tensor, scheme: obj.MaskingScheme, *,
+    Args:
+        tasks: per labelled task, (inputs (n, T) ids, targets (n, T) ids).
+    """
+
+    def __init__(self, tasks: list[tuple[Tensor, Tensor]], unlabelled: Tensor, scheme: obj.MaskingScheme, *,
                  mlm_task: bool, batch_size: int, samples_per_task: int, generator: torch.Generator):
-        self.train, self.unlabelled, self.scheme = train, unlabelled, scheme
-        self.targets = train.targets()
+        self.tasks, self.unlabelled, self.scheme = tasks, unlabelled, scheme
         self.mlm_task, self.batch_size, self.per_task, self.g = mlm_task, batch_size, samples_per_task, generator
 
-    def _draw(self, use_mlm: bool) -> obj.Batch:
-        if use_mlm:
+    def _draw(self, task: int | None) -> obj.Batch:
+        if task is None:
             idx = torch.randint(len(self.unlabelled), (self.per_task,), generator=self.g)
             return obj.mask_tokens(self.unlabelled[idx], self.scheme, generator=self.g)
-        idx = torch.randint(len(self.train), (self.per_task,), generator=self.g)
-        return labelled_batch(self.train.inputs[idx], self.targets[idx])
+        inputs, targets = self.tasks[task]
+        idx = torch.randint(len(inputs), (self.per_task,), generator=self.g)
+        return labelled_batch(inputs[idx], targets[idx])
 
     def __call__(self) -> tuple[obj.Batch, obj.Batch]:
         support, query = [], []
         for _ in range(self.batch_size // self.per_task):
             use_mlm = self.mlm_task and bool(torch.rand((), generator=self.g) < 0.5)
-            support.append(self._draw(use_mlm))
-            query.append(self._draw(use_mlm))
+            task = None if use_mlm else int(torch.randint(len(self.tasks), (), generator=self.g))
+            support.append(self._draw(task))
+            query.append(self._draw(task))
         return _pad_cat(support), _pad_cat(query)
 
 
@@ -143,15 +151,24 @@ def mlm_loss(student: Encoder, held_out: obj.Batch) -> float:
 
 
 def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unlabelled: Tensor,
-             train: tm.LabelledSet, held_out: obj.Batch, *, seed: int) -> dict:
+             tasks: list[tuple[Tensor, Tensor]], held_out: obj.Batch, *, seed: int,
+             scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None) -> dict:
     """Pre-trains ``student`` in place (and ``teacher`` for the meta methods).
 
+    Args:
+        unlabelled: (N, T) ids of x_u; padding is id 0.
+        tasks: the labelled tasks, each (inputs, targets) ids (see ``TaskSampler``).
+        held_out: a fixed MLM batch for the student's MLM loss.
+        scheme: masking (default: the Two Moons vocabulary's).
+        log_samples: called with the step at each evaluation; what it returns goes to ``samples``.
+
     Returns:
-        ``{"best_state": student state at the lowest held-out MLM loss, "curve": [...], "h": [...]}``.
+        ``{"best_state": student state at the lowest held-out MLM loss, "curve": [...], "h": [...],
+        "samples": [...]}``.
     """
     g = torch.Generator().manual_seed(seed)
-    scheme = masking_scheme()
-    sampler = TaskSampler(train, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
+    scheme = scheme or masking_scheme()
+    sampler = TaskSampler(tasks, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
                           samples_per_task=settings.samples_per_task, generator=g)
     s_opt = adamw(student, settings.peak_lr, 0.01)
     t_opt = adamw(teacher, settings.peak_lr, 0.01) if settings.method != "mlm" else None
@@ -159,12 +176,12 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
     steps = max(1, settings.samples // (settings.batch_size * settings.grad_accum))
     eval_every = max(1, steps // settings.evals)
     best = (mlm_loss(student, held_out), copy.deepcopy(student.state_dict()))
-    curve, hs, skipped = [], [], 0
+    curve, hs, skipped, samples = [], [], 0, []
     for step in range(steps):
         for _ in range(settings.grad_accum):
             idx = torch.randint(len(unlabelled), (settings.batch_size,), generator=g)
             x_u = unlabelled[idx]  # (B, T)
-            keep = x_u != tm.VOCAB.pad
+            keep = x_u != PAD
             if settings.method == "mlm":
                 out = obj.mlm_step(student, s_params, x_u, scheme, generator=g)
             else:
@@ -193,5 +210,7 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
                           "mlm_loss": loss})
             if loss < best[0]:
                 best = (loss, copy.deepcopy(student.state_dict()))
+            if log_samples is not None:
+                samples.append({"step": step + 1, "samples": log_samples(step + 1)})
     return {"best_state": best[1], "best_mlm_loss": best[0], "curve": curve, "h": hs, "skipped": skipped,
-            "steps": steps}
+            "steps": steps, "samples": samples}

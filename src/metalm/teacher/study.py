@@ -131,7 +131,7 @@ def run_job(job: dict, size: StudySize, out: Path) -> list[Path]:
     teacher, student = teacher_and_student(ModelSize(tm.VOCAB.size), seed=seed)
     n0 = job["set_sizes"][0]
     train0 = tm.labelled_set(n0, noise=size.noise, seed=_data_seed("train", seed, n0))
-    pre = pretrain(settings, teacher, student, unlabelled, train0, held_out, seed=seed)
+    pre = pretrain(settings, teacher, student, unlabelled, [(train0.inputs, train0.targets())], held_out, seed=seed)
     common = {"seed": seed, "samples": size.samples, "size": size.name, "pretrain_steps": pre["steps"],
               "mlm_curve": pre["curve"], "final_mlm_loss": pre["curve"][-1]["mlm_loss"]}
     if job["method"] != "mlm":

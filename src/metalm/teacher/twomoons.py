@@ -137,6 +137,7 @@ class LabelledSet:
     inputs: Tensor  # (n, 4) ids
     labels: Tensor  # (n,) 0/1
     points: Tensor  # (n, 2) grid coordinates
+    label_ids: tuple[int, ...] = (VOCAB.label0, VOCAB.label1)
 
     def __len__(self) -> int:
         return len(self.labels)
