@@ -214,7 +214,8 @@ def soft_meta_loss(teacher: nn.Module, student: nn.Module, t_params: Params, s_p
     theta1 = {n: theta0[n] - inner_lr * g for n, g in zip(names, pre_grads)}  # still a function of θT
     theta2, support_loss = inner_step(loss_fn, theta1, support, lr=inner_lr, first_order=False)
     query_loss = loss_fn(theta2, query)
-    stats = {"pre_loss": float(pre_loss.detach()), "support_loss": float(support_loss), "query_loss": float(query_loss.detach())}
+    stats = {"pre_loss": float(pre_loss.detach()), "support_loss": float(support_loss),
+             "query_loss": float(query_loss.detach())}
     return query_loss, {n: g.detach() for n, g in zip(names, pre_grads)}, stats, pseudo
 
 

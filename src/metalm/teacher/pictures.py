@@ -91,6 +91,21 @@ def samples_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pretraining_markdown(results: list[dict]) -> str:
+    """Each pre-training's end state (their Fig. 1, right): the student's held-out MLM loss, and
+    for hard labels the mean h and the skipped teacher updates; mean over runs."""
+    lines = ["| method | student MLM loss after pre-training | mean h (hard labels) | runs |", "|---|---|---|---|"]
+    for row, name in ROWS.items():
+        runs = [r for r in results if r["method"] == row]
+        if not runs:
+            continue
+        loss = np.mean([r["final_mlm_loss"] for r in runs])
+        hs = [r["h_mean"] for r in runs if r.get("h_mean") is not None]
+        h = f"{np.mean(hs):.4f}" if hs else "–"
+        lines.append(f"| {name} | {loss:.3f} | {h} | {len(runs)} |")
+    return "\n".join(lines)
+
+
 def write_study_report(out: str | Path, size: StudySize) -> dict[str, Path]:
     """Writes results.md (table and teacher samples), results.json, regions.png and accuracy.png."""
     out = Path(out)
@@ -98,7 +113,8 @@ def write_study_report(out: str | Path, size: StudySize) -> dict[str, Path]:
     title = f"Two Moons, size {size.name}: {size.samples:,} pre-training samples per run"
     paths = {"markdown": out / "results.md", "json": out / "results.json", "regions": out / "regions.png",
              "accuracy": out / "accuracy.png"}
-    text = f"## {title}\n\n{table(results, size)}\n\n## What the teacher writes\n\n{samples_markdown(results)}"
+    text = (f"## {title}\n\n{table(results, size)}\n\n## Pre-training\n\n{pretraining_markdown(results)}\n\n"
+            f"## What the teacher writes\n\n{samples_markdown(results)}")
     write_text_atomic(paths["markdown"], text)
     summary = [{"method": k[0], "n": k[1], **{f: v[f] for f in ("mean", "std", "n")}} for k, v in
                summarize(results).items()]
