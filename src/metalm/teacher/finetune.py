@@ -67,6 +67,7 @@ def finetune(student: Encoder, train: Labelled, val: Labelled, *, epochs: int = 
         ``{"val_accuracy", "best_epoch", "val_curve"}``.
     """
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout: the same pre-trained weights fine-tune the same way
     batch_size = batch_size or FINETUNE_BATCH.get(len(train), 16)
     targets = train.targets()
     params = trainable_params(student)
