@@ -201,6 +201,7 @@ def summarize(results: list[dict]) -> dict[tuple[str, int], dict]:
 def table(results: list[dict], size: StudySize) -> str:
     """Their Table 10 layout: rows are methods, columns set sizes; ours as mean ± std, theirs in brackets."""
     summary = summarize(results)
+    most = max((s["n"] for s in summary.values()), default=0)
     header = ["method"] + [f"{n} examples" for n in size.set_sizes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, name in ROWS.items():
@@ -209,6 +210,7 @@ def table(results: list[dict], size: StudySize) -> str:
             s = summary.get((row, n))
             paper = PAPER_TABLE_10.get(row, {}).get(n)
             ours = "–" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+            ours += f" [{s['n']} seed(s)]" if s is not None and s["n"] < most else ""
             cells.append(f"{ours} ({'–' if paper is None else f'{paper:.1f}'})")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s["n"] for s in summary.values()})
