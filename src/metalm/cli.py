@@ -7,6 +7,8 @@
     metalm evaluate --model DIR --task TASK [--split dev]
     metalm tasks                                  list the built-in tasks
     metalm check CONFIG ...                       validate config files
+    metalm twomoons [--quick|--size default|paper]  the Two Moons study of a meta-learned LM objective
+    metalm lmtext [--quick] [--corpus FILE]       MLM vs soft labels on a real corpus (Shen, §4.3)
 
 CONFIG is a YAML path or the name of a shipped config (``demo``, ``glue_rte``, ...).
 """
@@ -128,6 +130,35 @@ def cmd_check(args) -> None:
         print(f"{name}: valid {schema.__name__}")
 
 
+def cmd_twomoons(args) -> None:
+    from dataclasses import replace
+
+    from metalm.teacher.study import SIZES, run_study
+
+    size = SIZES["quick" if args.quick else args.size]
+    if args.seeds is not None:
+        size = replace(size, seeds=tuple(range(args.seeds)))
+    out = args.out or f"runs/twomoons-{size.name}"
+    paths = run_study(size, out, workers=args.workers)
+    print()
+    print(paths["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_lmtext(args) -> None:
+    import torch
+
+    from metalm.teacher.text import TEXT_SIZES, run_text
+
+    torch.set_num_threads(args.threads)  # tiny models: one thread avoids OpenMP hand-offs
+    data_root = Path(args.data or os.environ.get("METALM_DATA") or "../shared/data")
+    corpus = Path(args.corpus) if args.corpus else data_root / "corpus" / "lee_background.cor"
+    size = TEXT_SIZES["quick" if args.quick else "default"]
+    path = run_text(size, args.out or f"runs/lmtext-{size.name}", data_root=data_root, corpus=corpus)
+    print()
+    print(path.read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -159,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("configs", nargs="+")
     check.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
     check.set_defaults(fn=cmd_check)
+    moons = sub.add_parser("twomoons", help="Two Moons study of a teacher that meta-learns the LM objective "
+                           "(Shen); resumable")
+    moons.add_argument("--size", choices=("quick", "default", "paper"), default="default",
+                       help="default: 9,600 pre-training samples per run, ~1 h on 2 cores; paper: 640,000")
+    moons.add_argument("--quick", action="store_true", help="the CI size (same as --size quick)")
+    moons.add_argument("--out", default=None, help="output folder (default runs/twomoons-<size>)")
+    moons.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    moons.add_argument("--seeds", type=int, default=None, help="use seeds 0..N-1 instead of the size's")
+    moons.set_defaults(fn=cmd_twomoons)
+    text = sub.add_parser("lmtext", help="MLM vs a soft-label teacher on a real corpus, teacher outputs logged")
+    text.add_argument("--quick", action="store_true", help="the CI size")
+    text.add_argument("--data", default=None, help="data root (default $METALM_DATA or ../shared/data)")
+    text.add_argument("--corpus", default=None, help="plain-text corpus (default <data>/corpus/lee_background.cor)")
+    text.add_argument("--out", default=None, help="output folder (default runs/lmtext-<size>)")
+    text.add_argument("--threads", type=int, default=1, help="torch threads")
+    text.set_defaults(fn=cmd_lmtext)
     return parser
 
 

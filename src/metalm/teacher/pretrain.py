@@ -1,0 +1,216 @@
+"""One run of the Two Moons study: pre-train a student (MLM or a teacher's pseudo data), fine-tune it
+on a labelled set, score it (Shen, §4.1-4.2, Tables 5-6).
+
+The training step is one loop for every method: the objective functions of ``objective.py``
+produce gradients, this file accumulates them (``grad_accum`` micro-batches), clips them and
+applies AdamW with the inverse-square-root schedule of §4.1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from metalm.learn.functional import accumulate_grads, trainable_params
+from metalm.teacher import objective as obj
+from metalm.teacher import twomoons as tm
+from metalm.teacher.model import Encoder
+from metalm.train.optim import build_optimizer
+
+METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
+PAD = 0  # the padding id of every vocabulary here
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Pre-training of one run (their Table 5)."""
+
+    method: str
+    samples: int  # unlabelled sequences seen (their 640k = 32k x 20 epochs)
+    batch_size: int = 4
+    samples_per_task: int = 4  # labelled examples drawn from one task before drawing the next
+    grad_accum: int = 4
+    peak_lr: float = 2.5e-3  # their lr 0.08 / sqrt(1000 warmup steps)
+    warmup: int = 1000  # optimizer steps
+    inner_lr: float = 0.1
+    meta_weight: float | None = None  # λ_meta; None: 1 for hard labels, 100 for soft (Table 5)
+    mlm_as_task: bool | None = None  # None: True for soft labels (§4.1)
+    h_form: str = "cosine"
+    clip: float = 5.0
+    evals: int = 20  # held-out MLM losses over the run (for "MLM (best loss)")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.batch_size % self.samples_per_task:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of samples_per_task "
+                             f"{self.samples_per_task}")
+
+    @property
+    def soft(self) -> bool:
+        return self.method.startswith("soft")
+
+    @property
+    def fixed_y(self) -> bool:
+        return self.method.endswith("fixed_y")
+
+    @property
+    def weight(self) -> float:
+        return self.meta_weight if self.meta_weight is not None else (100.0 if self.soft else 1.0)
+
+    @property
+    def mlm_task(self) -> bool:
+        return self.mlm_as_task if self.mlm_as_task is not None else self.soft
+
+
+def inverse_sqrt(step: int, *, peak_lr: float, warmup: int) -> float:
+    """§4.1: linear warmup to ``peak_lr`` at ``warmup`` steps, then peak·sqrt(warmup/step)."""
+    n = step + 1
+    if n < warmup:
+        return peak_lr * n / warmup
+    return peak_lr * math.sqrt(max(warmup, 1) / n)
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW as in Tables 5-6 (β 0.9/0.98, ε 1e-6)."""
+    return build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _apply(model: nn.Module, optimizer, *, lr: float, clip: float) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def labelled_batch(tokens: Tensor, targets: Tensor) -> obj.Batch:
+    keep = tokens != PAD
+    return {"tokens": tokens, "keep": keep, "target": targets, "weight": keep.float()}
+
+
+def _pad_cat(batches: list[obj.Batch]) -> obj.Batch:
+    """Concatenate batches of different lengths, padding on the right."""
+    T = max(b["tokens"].shape[1] for b in batches)
+    out = {}
+    for key in ("tokens", "keep", "target", "weight"):
+        parts = [torch.nn.functional.pad(b[key], (0, T - b[key].shape[1])) for b in batches]
+        out[key] = torch.cat(parts)
+    return out
+
+
+class TaskSampler:
+    """Support and query batches from the same task (§4.1): a labelled task drawn uniformly, or
+    (``mlm_task``, soft labels) the MLM task on unlabelled data with probability ½, with
+    ``samples_per_task`` examples per draw.
+
+    Args:
+        tasks: per labelled task, (inputs (n, T) ids, targets (n, T) ids).
+    """
+
+    def __init__(self, tasks: list[tuple[Tensor, Tensor]], unlabelled: Tensor, scheme: obj.MaskingScheme, *,
+                 mlm_task: bool, batch_size: int, samples_per_task: int, generator: torch.Generator):
+        self.tasks, self.unlabelled, self.scheme = tasks, unlabelled, scheme
+        self.mlm_task, self.batch_size, self.per_task, self.g = mlm_task, batch_size, samples_per_task, generator
+
+    def _draw(self, task: int | None) -> obj.Batch:
+        if task is None:
+            idx = torch.randint(len(self.unlabelled), (self.per_task,), generator=self.g)
+            return obj.mask_tokens(self.unlabelled[idx], self.scheme, generator=self.g)
+        inputs, targets = self.tasks[task]
+        idx = torch.randint(len(inputs), (self.per_task,), generator=self.g)
+        return labelled_batch(inputs[idx], targets[idx])
+
+    def __call__(self) -> tuple[obj.Batch, obj.Batch]:
+        support, query = [], []
+        for _ in range(self.batch_size // self.per_task):
+            use_mlm = self.mlm_task and bool(torch.rand((), generator=self.g) < 0.5)
+            task = None if use_mlm else int(torch.randint(len(self.tasks), (), generator=self.g))
+            support.append(self._draw(task))
+            query.append(self._draw(task))
+        return _pad_cat(support), _pad_cat(query)
+
+
+def masking_scheme() -> obj.MaskingScheme:
+    v = tm.VOCAB
+    return obj.MaskingScheme(mask_id=v.mask, cls_mlm=v.cls_mlm, content=v.content_ids)
+
+
+@torch.no_grad()
+def mlm_loss(student: Encoder, held_out: obj.Batch) -> float:
+    """The student's MLM loss on a fixed masked held-out batch (their Fig. 1, right)."""
+    student.eval()
+    logits = student(held_out["tokens"], held_out["keep"])["output"]
+    student.train()
+    return float(obj.sequence_ce(logits, held_out["target"], held_out["weight"]))
+
+
+def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unlabelled: Tensor,
+             tasks: list[tuple[Tensor, Tensor]], held_out: obj.Batch, *, seed: int,
+             scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None) -> dict:
+    """Pre-trains ``student`` in place (and ``teacher`` for the meta methods).
+
+    Args:
+        unlabelled: (N, T) ids of x_u; padding is id 0.
+        tasks: the labelled tasks, each (inputs, targets) ids (see ``TaskSampler``).
+        held_out: a fixed MLM batch for the student's MLM loss.
+        scheme: masking (default: the Two Moons vocabulary's).
+        log_samples: called with the step at each evaluation; what it returns goes to ``samples``.
+
+    Returns:
+        ``{"best_state": student state at the lowest held-out MLM loss, "curve": [...], "h": [...],
+        "samples": [...]}``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scheme = scheme or masking_scheme()
+    sampler = TaskSampler(tasks, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
+                          samples_per_task=settings.samples_per_task, generator=g)
+    s_opt = adamw(student, settings.peak_lr, 0.01)
+    t_opt = adamw(teacher, settings.peak_lr, 0.01) if settings.method != "mlm" else None
+    s_params, t_params = trainable_params(student), trainable_params(teacher)
+    steps = max(1, settings.samples // (settings.batch_size * settings.grad_accum))
+    eval_every = max(1, steps // settings.evals)
+    best = (mlm_loss(student, held_out), copy.deepcopy(student.state_dict()))
+    curve, hs, skipped, samples = [], [], 0, []
+    for step in range(steps):
+        for _ in range(settings.grad_accum):
+            idx = torch.randint(len(unlabelled), (settings.batch_size,), generator=g)
+            x_u = unlabelled[idx]  # (B, T)
+            keep = x_u != PAD
+            if settings.method == "mlm":
+                out = obj.mlm_step(student, s_params, x_u, scheme, generator=g)
+            else:
+                support, query = sampler()
+                kwargs = dict(inner_lr=settings.inner_lr, meta_weight=settings.weight, fixed_y=settings.fixed_y)
+                if settings.soft:
+                    out = obj.soft_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, **kwargs)
+                else:
+                    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query,
+                                              h_form=settings.h_form, generator=g, **kwargs)
+                    hs.append(out.stats["h"])
+                    skipped += out.teacher_grads is None
+                aux = obj.teacher_aux_loss(teacher, t_params, x_u, keep, obj.mask_tokens(x_u, scheme, generator=g))
+                aux_grads = torch.autograd.grad(aux, list(t_params.values()))
+                meta = out.teacher_grads or {}
+                accumulate_grads(t_params, {n: (a + meta[n] if n in meta else a) / settings.grad_accum
+                                            for n, a in zip(t_params, aux_grads)})
+            accumulate_grads(s_params, {n: v / settings.grad_accum for n, v in out.student_grads.items()})
+        lr = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
+        _apply(student, s_opt, lr=lr, clip=settings.clip)
+        if t_opt is not None:
+            _apply(teacher, t_opt, lr=lr, clip=settings.clip)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            loss = mlm_loss(student, held_out)
+            curve.append({"step": step + 1, "samples": (step + 1) * settings.batch_size * settings.grad_accum,
+                          "mlm_loss": loss})
+            if loss < best[0]:
+                best = (loss, copy.deepcopy(student.state_dict()))
+            if log_samples is not None:
+                samples.append({"step": step + 1, "samples": log_samples(step + 1)})
+    return {"best_state": best[1], "best_mlm_loss": best[0], "curve": curve, "h": hs, "skipped": skipped,
+            "steps": steps, "samples": samples}

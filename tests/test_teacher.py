@@ -1,0 +1,247 @@
+"""The meta-learned LM objective (Shen): reference checks of the update rules, the Two Moons codec
+and a quick end-to-end study."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metalm.cli import main
+from metalm.teacher import objective as obj
+from metalm.teacher import twomoons as tm
+from metalm.teacher.model import ModelSize, teacher_and_student
+from metalm.teacher.pretrain import METHODS, PretrainSettings, inverse_sqrt, masking_scheme, pretrain
+
+V = tm.VOCAB
+
+
+def _tiny(dtype=torch.float64, seed=0):
+    size = ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2, dropout=0.0)
+    teacher, student = teacher_and_student(size, seed=seed)
+    return teacher.to(dtype), student.to(dtype)
+
+
+def _batches(dtype=torch.float64):
+    x_u = tm.unlabelled_sequences(2, noise=0.1, seed=0)  # (2, 34)
+    data = tm.labelled_set(6, noise=0.1, seed=1)
+    targets = data.targets()
+
+    def lab(idx):
+        keep = torch.ones(len(idx), 4, dtype=torch.bool)
+        return {"tokens": data.inputs[idx], "keep": keep, "target": targets[idx], "weight": keep.to(dtype)}
+
+    return x_u, x_u != V.pad, lab([0, 1, 2]), lab([3, 4, 5])
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("noise", [None, 0.1])
+def test_make_moons_equals_scikit_learn(noise):
+    from sklearn.datasets import make_moons
+
+    for seed, n in [(0, 100), (3, 37)]:
+        ours, our_labels = tm.make_moons(n, noise=noise, seed=seed)
+        theirs, their_labels = make_moons(n, noise=noise, random_state=seed)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(our_labels, their_labels)
+
+
+def test_codec_round_trips_points_to_tokens_and_back():
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, tm.GRID, size=(50, tm.POINTS_PER_SEQUENCE, 2))
+    for points in grid:
+        ids = tm.encode_sequence(points)
+        assert ids.shape == (34,) and ids[0] == V.cls_unlabelled and ids[-1] == V.sep
+        back = tm.decode_sequence(ids)
+        order = np.lexsort((points[:, 1], points[:, 0]))
+        np.testing.assert_array_equal(back, points[order])  # the same points, sorted by (x, y)
+        assert [tuple(p) for p in back] == sorted(tuple(p) for p in points)
+    flat = grid.reshape(-1, 2)
+    np.testing.assert_array_equal(tm.decode_points(tm.encode_points(flat)), flat)
+    # every coordinate is one token; text names decode back to the numbers
+    assert V.decode(tm.encode_points(flat[:1])[0]).split()[1:3] == [str(c) for c in flat[0]]
+    raw, _ = tm.make_moons(2000, noise=0.1, seed=0)
+    scaled = tm.to_grid(raw)
+    assert scaled.min() >= 0 and scaled.max() < tm.GRID and scaled.dtype == np.int64
+    np.testing.assert_array_equal(scaled, np.floor((raw - [-1.5, -1.0]) / [4.0, 2.5] * 64).clip(0, 63))
+    seqs = tm.unlabelled_sequences(4, noise=0.1, seed=0)  # 64 moons points, 16 per sequence
+    first = tm.to_grid(tm.make_moons(64, noise=0.1, seed=0)[0])[:16]
+    np.testing.assert_array_equal(tm.decode_sequence(seqs[0]), first[np.lexsort((first[:, 1], first[:, 0]))])
+    with pytest.raises(ValueError, match="non-coordinate"):
+        tm.decode_sequence(np.array([V.cls_unlabelled, V.mask, 9, V.sep]))
+
+
+def test_masking_follows_the_scheme():
+    x_u = tm.unlabelled_sequences(400, noise=0.1, seed=0)
+    batch = obj.mask_tokens(x_u, masking_scheme(), generator=torch.Generator().manual_seed(0))
+    chosen = batch["weight"].bool()
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()  # never the task token or [SEP]
+    assert (batch["tokens"][:, 0] == V.cls_mlm).all() and (batch["target"][:, 0] == V.cls_mlm).all()
+    assert abs(chosen[:, 1:-1].float().mean().item() - 0.15) < 0.01
+    masked = (batch["tokens"] == V.mask)[chosen].float().mean().item()
+    assert abs(masked - 0.8) < 0.03
+    assert torch.equal(batch["tokens"][~chosen], batch["target"][~chosen])
+
+
+def test_inverse_sqrt_schedule_matches_section_4_1():
+    # "for 10k warmup steps, the learning rate increases ... until the peak lr/100, and will later halve at 40k"
+    peak = 0.08 / 100
+    assert inverse_sqrt(10_000 - 1, peak_lr=peak, warmup=10_000) == pytest.approx(peak)
+    assert inverse_sqrt(40_000 - 1, peak_lr=peak, warmup=10_000) == pytest.approx(peak / 2)
+    assert inverse_sqrt(4_999, peak_lr=peak, warmup=10_000) == pytest.approx(peak / 2)
+
+
+# --- hard labels ----------------------------------------------------------------------------
+
+def _hand_h(student, pseudo, support, query, *, lr):
+    """Eq. 1-2 and 8 with torch.optim.SGD on module copies and numpy."""
+    s = copy.deepcopy(student)
+    theta0 = np.concatenate([p.detach().numpy().ravel() for p in s.parameters()])
+    opt = torch.optim.SGD(s.parameters(), lr=lr)
+    grads = []
+    for batch in (pseudo, support):
+        opt.zero_grad()
+        logits = s(batch["tokens"], batch["keep"])["output"]
+        loss = F.cross_entropy(logits.transpose(1, 2), batch["target"], reduction="none")  # (B, T)
+        loss = ((loss * batch["weight"]).sum(1) / batch["weight"].sum(1)).mean()
+        loss.backward()
+        grads.append(np.concatenate([p.grad.numpy().ravel() for p in s.parameters()]))
+        opt.step()
+        if batch is pseudo:
+            theta1 = np.concatenate([p.detach().numpy().ravel() for p in s.parameters()])
+    opt.zero_grad()
+    logits = s(query["tokens"], query["keep"])["output"]
+    F.cross_entropy(logits.transpose(1, 2), query["target"]).backward()
+    g_query = np.concatenate([p.grad.numpy().ravel() for p in s.parameters()])
+    step = theta0 - theta1
+    cosine = g_query @ step / (np.linalg.norm(g_query) * np.linalg.norm(step))
+    return cosine, lr * g_query @ grads[0], grads[0]
+
+
+@pytest.mark.parametrize("h_form", ["cosine", "dot"])
+def test_hard_label_h_and_teacher_gradient_match_a_hand_computation(h_form):
+    teacher, student = _tiny()
+    x_u, keep, support, query = _batches()
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, inner_lr=0.1,
+                              meta_weight=3.0, h_form=h_form, generator=torch.Generator().manual_seed(0))
+    cosine, dot, pre_grad = _hand_h(student, out.pseudo, support, query, lr=0.1)
+    h = cosine if h_form == "cosine" else dot
+    assert out.stats["h"] == pytest.approx(h, rel=1e-9, abs=1e-15)
+    ours = np.concatenate([out.student_grads[n].numpy().ravel() for n, _ in student.named_parameters()])
+    np.testing.assert_allclose(ours, pre_grad, rtol=1e-9, atol=1e-14)
+    # teacher: λ·h·∇θT of the mean token NLL of its own sample (x̂, ŷ) (Eq. 6)
+    t = copy.deepcopy(teacher)
+    logits = t(x_u, keep)
+    logp_x = logits["input"].log_softmax(-1).gather(-1, out.pseudo["tokens"][..., None]).squeeze(-1)  # (B, T)
+    logp_y = logits["output"].log_softmax(-1).gather(-1, out.pseudo["target"][..., None]).squeeze(-1)
+    (3.0 * h * -(logp_x.mean() + logp_y.mean()) / 2).backward()
+    for name, p in t.named_parameters():
+        torch.testing.assert_close(out.teacher_grads[name], p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_hard_label_step_skips_the_teacher_when_h_is_not_finite():
+    teacher, student = _tiny()
+    x_u, keep, support, query = _batches()
+    query = dict(query, target=F.one_hot(query["target"], V.size).double() * float("nan"))  # a NaN query loss
+    out = obj.hard_label_step(teacher, student, dict(teacher.named_parameters()), dict(student.named_parameters()),
+                              x_u, keep, support, query)
+    assert out.teacher_grads is None and out.stats["skipped"] == 1.0
+    assert all(torch.isfinite(g).all() for g in out.student_grads.values())  # the student still learns
+
+
+# --- soft labels ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixed_y", [False, True])
+def test_soft_label_teacher_gradient_matches_finite_differences(fixed_y):
+    teacher, student = _tiny()
+    x_u, keep, support, query = _batches()
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    out = obj.soft_label_step(teacher, student, t_params, s_params, x_u, keep, support, query,
+                              inner_lr=0.1, meta_weight=1.0, fixed_y=fixed_y)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in t_params.items()}
+    analytic = sum((out.teacher_grads[n] * direction[n]).sum() for n in t_params).item()
+
+    def loss_at(eps):
+        shifted = {n: (p + eps * direction[n]).detach() for n, p in t_params.items()}
+        return obj.soft_meta_loss(teacher, student, shifted, s_params, x_u, keep, support, query,
+                                  inner_lr=0.1, fixed_y=fixed_y)[0].item()
+
+    eps = 1e-5
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert abs(analytic) > 1e-6  # the check has something to compare
+    assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-10)
+
+
+def test_fixed_y_really_fixes_y_hat():
+    x_u, keep, support, query = _batches()
+    teacher, student = _tiny()
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    with torch.no_grad():  # a teacher whose output head would write something else entirely
+        teacher.heads["output"].bias[V.label1] = 50.0
+    for step in (obj.hard_label_step, obj.soft_label_step):
+        out = step(teacher, student, t_params, s_params, x_u, keep, support, query, fixed_y=True)
+        target = out.pseudo["target"]
+        expected = x_u if target.dtype == torch.int64 else F.one_hot(x_u, V.size).to(target.dtype)
+        assert torch.equal(target, expected)
+        for name in ("heads.output.weight", "heads.output.bias"):  # no meta gradient reaches the ŷ head
+            assert torch.count_nonzero(out.teacher_grads[name]) == 0
+        free = step(teacher, student, t_params, s_params, x_u, keep, support, query, fixed_y=False)
+        assert not torch.equal(free.pseudo["target"], expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_pretrains_with_finite_losses(method):
+    torch.manual_seed(0)
+    teacher, student = teacher_and_student(ModelSize(V.size), seed=0)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    unlabelled = tm.unlabelled_sequences(32, noise=0.1, seed=0)
+    held = obj.mask_tokens(unlabelled[:8], masking_scheme(), generator=torch.Generator().manual_seed(0))
+    labelled = tm.labelled_set(10, noise=0.1, seed=1)
+    out = pretrain(PretrainSettings(method, samples=32, warmup=1), teacher, student, unlabelled,
+                   [(labelled.inputs, labelled.targets())], held, seed=0)
+    assert out["steps"] == 2 and np.isfinite(out["curve"][-1]["mlm_loss"])
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+
+
+# --- the study ------------------------------------------------------------------------------
+
+def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["twomoons", "--quick", "--out", str(out), "--workers", "1"]) == 0
+    first = capsys.readouterr().out
+    assert "0 of 7 runs already done" in first
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert len(runs) == 10  # 5 rows x 2 set sizes x 1 seed
+    for name in ("results.md", "results.json", "regions.png", "accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    text = (out / "results.md").read_text()
+    for row in ("MLM (latest)", "MLM (best MLM loss)", "Hard", "Soft", "Soft (fixed y)"):
+        assert f"| {row} |" in text
+    assert "(61.4)" in text and "(75.1)" in text and "64 pre-training samples" in text  # paper's beside ours
+    result = json.loads((out / "runs" / "hard-n10-s0.json").read_text())
+    assert len(result["grid"]) == 64 * 64 and set(result["grid"]) <= {"0", "1"}
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and len(result["teacher_samples"]) == 3
+    assert main(["twomoons", "--quick", "--out", str(out), "--workers", "1"]) == 0
+    assert "7 of 7 runs already done; running 0" in capsys.readouterr().out
+
+
+def test_lmtext_quick_runs_mlm_and_soft_labels_and_logs_the_teacher(tmp_path, data_root, capsys):
+    corpus = tmp_path / "corpus.txt"  # a slice of the real corpus keeps the test short
+    lines = (data_root / "corpus" / "lee_background.cor").read_text(encoding="utf-8").splitlines()
+    corpus.write_text("\n".join(lines[:40]), encoding="utf-8")
+    out = tmp_path / "text"
+    assert main(["lmtext", "--quick", "--data", str(data_root), "--corpus", str(corpus), "--out", str(out)]) == 0
+    soft = json.loads((out / "runs" / "soft.json").read_text())
+    assert set(soft["scores"]) == {"sst2", "subj"}
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in soft["scores"].values())
+    logged = soft["teacher_samples"]
+    assert [e["step"] for e in logged] == [1, 2] and logged[0]["samples"][0]["x_u"].startswith("[CLS0]")
+    text = (out / "results.md").read_text()
+    assert "| mlm |" in text and "| soft |" in text and "soft teacher after 2 optimizer steps" in text
