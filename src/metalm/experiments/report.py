@@ -116,7 +116,7 @@ def plot_scores(summary: Sequence[dict], path: Path, *, headline: dict[str, tupl
         ax.set_title(target)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def plot_curves(curves: Sequence[dict], path: Path, *, headline: dict[str, tuple[str, str]],
@@ -144,10 +144,10 @@ def plot_curves(curves: Sequence[dict], path: Path, *, headline: dict[str, tuple
         ax.set_title(f"{target} @{_fraction(fraction)}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
-def _save(fig, path: Path, title: str) -> None:
+def save_figure(fig, path: Path, title: str) -> None:
     """Titles, lays out and writes a figure atomically (temporary file, then rename)."""
     import matplotlib.pyplot as plt
 

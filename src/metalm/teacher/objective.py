@@ -116,7 +116,7 @@ def _flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _sample(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+def sample_tokens(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """One token per position: logits (B, T, V) -> ids (B, T)."""
     B, T, V = logits.shape
     probs = logits.detach().softmax(-1).reshape(B * T, V)
@@ -155,8 +155,8 @@ def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_
         ``MetaStep``; ``student_grads`` is ∇θS CE(ŷ, S(x̂; θ0)) (the student trains on teacher data).
     """
     logits = functional_call(teacher, t_params, (x_u, keep))  # input/output -> (B, T, V)
-    x_hat = torch.where(keep, _sample(logits["input"], generator), x_u)  # padding stays padding
-    y_hat = x_u if fixed_y else torch.where(keep, _sample(logits["output"], generator), x_u)
+    x_hat = torch.where(keep, sample_tokens(logits["input"], generator), x_u)  # padding stays padding
+    y_hat = x_u if fixed_y else torch.where(keep, sample_tokens(logits["output"], generator), x_u)
     pseudo = {"tokens": x_hat, "keep": keep, "target": y_hat, "weight": keep.float()}
     loss_fn = student_loss_fn(student)
     names = list(s_params)

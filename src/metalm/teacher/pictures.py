@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalm.experiments.report import _save
+from metalm.experiments.report import save_figure
 from metalm.teacher import twomoons as tm
 from metalm.teacher.study import PAPER_TABLE_10, ROWS, StudySize, load_results, summarize, table
 from metalm.train.checkpoint import write_text_atomic
@@ -50,7 +50,7 @@ def plot_regions(results: list[dict], path: Path, *, set_sizes, title: str) -> N
             ax.scatter(pts[:, 0], pts[:, 1], c=r["train_labels"], cmap="coolwarm", vmin=0, vmax=1, s=6,
                        edgecolors="k", linewidths=0.3)
             ax.text(1, 59, f"{100 * r['test_accuracy']:.0f}%", fontsize=7)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def plot_accuracy(results: list[dict], path: Path, *, set_sizes, title: str) -> None:
@@ -73,7 +73,7 @@ def plot_accuracy(results: list[dict], path: Path, *, set_sizes, title: str) -> 
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def samples_markdown(results: list[dict]) -> str:

@@ -102,7 +102,7 @@ def teacher_samples(teacher, x_u: torch.Tensor, *, soft: bool, fixed_y: bool, se
     if soft:
         x_hat, y_hat = logits["input"].argmax(-1), logits["output"].argmax(-1)
     else:
-        x_hat, y_hat = obj._sample(logits["input"], g), obj._sample(logits["output"], g)
+        x_hat, y_hat = obj.sample_tokens(logits["input"], g), obj.sample_tokens(logits["output"], g)
     y_hat = x_u if fixed_y else y_hat
     return [{"x_u": tm.VOCAB.decode(a), "x_hat": tm.VOCAB.decode(b), "y_hat": tm.VOCAB.decode(c)}
             for a, b, c in zip(x_u, x_hat, y_hat)]
