@@ -88,8 +88,11 @@ def run_config(cfg: dict) -> dict:
     episode = Episode(task=TASK, support=tuple(batches[1:1 + k]), query=batches[0])
     optimizer = build_optimizer(model, lr=cfg["lr"])
 
+    from metalm.train.precision import autocast
+
     def step() -> None:
-        algorithm.step(model, [episode])
+        with autocast(device, cfg.get("precision", "fp32")):
+            algorithm.step(model, [episode])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -99,7 +102,7 @@ def run_config(cfg: dict) -> dict:
         "method": method, "k": k if method != "multitask" else None,
         "attention": getattr(encoder.config, "_attn_implementation", None),
         "fused_adamw": bool(optimizer.defaults.get("fused")),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "precision": cfg.get("precision", "fp32"),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if measure == "time":
@@ -149,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _measure.add_common_args(p)
     _measure.add_meta_step_args(p, ks="default 1,3,5; quick: 1,2", rounds="default 2; quick: 1")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: algorithm.step under bfloat16 autocast (metalm.train.precision)")
     p.add_argument("--one", default=None, metavar="JSON",
                    help="measure one configuration in this process and print its result as JSON, for "
                         "debugging: a dict as run_config takes, e.g. {\"method\": \"fomaml\", \"k\": 5, "
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     """Measures every configuration; returns the report (``text``) and every number."""
     device = _measure.resolve_device(args.device)
     base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, repeats=args.repeats, rounds=args.rounds,
-                device=device,
+                device=device, precision=args.precision,
                 threads=args.threads, inner_lr=args.inner_lr, lr=args.lr, seed=args.seed, max_k=max(args.ks))
     configs = [dict(base, method=m, k=0 if m == "multitask" else k)
                for m in args.methods for k in ([0] if m == "multitask" else args.ks)]

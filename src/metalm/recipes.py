@@ -79,7 +79,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                tasks_per_step=settings.tasks_per_step, seed=cfg.seed, run_dir=out,
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
-               eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard)
+               eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
+               precision=cfg.precision)
     if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))
@@ -140,7 +141,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
                         scheduler=scheduler, steps=steps, batch_size=settings.batch_size, seed=cfg.seed,
                         run_dir=cfg.output_dir, clip_norm=settings.optim.clip_norm, log_every=eval_every,
                         eval_every=eval_every, eval_tasks={spec.name: tuple(splits)}, progress=progress,
-                        tensorboard=tensorboard)
+                        tensorboard=tensorboard, precision=cfg.precision)
     prefix = f"{spec.name}/"
     curve = [{"epoch": round(e["step"] / steps * settings.epochs, 3),
               **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}} for e in result.evaluations]

@@ -199,6 +199,8 @@ class TrainConfig:
     """Seeds initialisation, batches, sampling and dropout."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': forward and backward under bfloat16 autocast, float32 parameters and optimiser."""
     output_dir: str = "runs/train"
     """Run folder: checkpoints, metrics.jsonl, tb/, final/."""
 
@@ -220,6 +222,8 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ..."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (bfloat16 autocast)."""
     output_dir: str = "runs/finetune"
 
 
@@ -248,6 +252,8 @@ class ExperimentConfig:
     """Seed of the methods' training stages (fine-tuning uses `seeds`)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ..."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (bfloat16 autocast), for the training stages and the fine-tunes."""
     output_dir: str = "runs/experiment"
     title: str = "metalm experiment"
     """Heading of the results table."""

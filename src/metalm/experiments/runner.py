@@ -18,6 +18,7 @@ from metalm.recipes import run_finetune, run_train
 from metalm.schema import ExperimentConfig, FinetuneConfig, MethodConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
+from metalm.train.precision import check_precision
 
 
 def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) -> str | None:
@@ -27,20 +28,22 @@ def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) 
     if method.train is None:
         return None
     train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=cfg.stage_seed,
-                            device=cfg.device,
+                            device=cfg.device, precision=cfg.precision,
                             output_dir=str(Path(cfg.output_dir) / "methods" / _slug(method.name)))
     return str(run_train(train_cfg, resume=True, progress=progress))
 
 
 def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec) -> dict:
     """What a fine-tune result depends on besides target, fraction and seed (checked on resume)."""
+    precision = {} if cfg.precision == "fp32" else {"precision": cfg.precision}  # older results have no key
     return json.loads(json.dumps({"method": to_dict(method), "encoder": to_dict(cfg.encoder),
                                   "finetune": to_dict(cfg.finetune), "stage_seed": cfg.stage_seed,
-                                  "source": cfg.data.source, "target": to_dict(spec)}))
+                                  "source": cfg.data.source, "target": to_dict(spec), **precision}))
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[list[dict], dict[str, Path]]:
     """Runs (or resumes) the sweep; returns the result rows and the report paths."""
+    check_precision(cfg.precision)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
@@ -67,6 +70,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
                 models = {method.name: build_model(cfg.encoder, seed=cfg.stage_seed, init=inits[method.name])}
             ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=cfg.finetune,
                                     init=inits[method.name], fraction=fraction, seed=seed, device=cfg.device,
+                                    precision=cfg.precision,
                                     output_dir=str(path.with_suffix("")))
             res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
             result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "settings": settings}

@@ -40,7 +40,7 @@ def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
             labels; ``contrastive`` takes (B, B) similarity logits and labels ``arange(B)``.
     """
     if kind == "regression":
-        return F.mse_loss(logits.reshape(-1), labels.float())
+        return F.mse_loss(logits.reshape(-1), labels.to(logits.dtype))
     if kind == "mlm":  # logits only at the labelled positions: (N, V)
         return F.cross_entropy(logits, labels[labels != IGNORE_INDEX])
     if kind == "token_classification":

@@ -19,7 +19,7 @@ def predict_split(model, task: Task, split: str, *, batch_size: int = 64) -> tup
     n = task.size(split)
     for start in range(0, n, batch_size):
         batch = to_device(task.batch(split, range(start, min(n, start + batch_size))), device)
-        logits = model(task.name, batch)
+        logits = model(task.name, batch).float()  # bfloat16 under autocast: score in float32
         loss_sum += task_loss(task.kind, logits, batch["labels"]).item() * len(batch["input_ids"])
         p = predict(task.kind, logits).cpu().numpy()
         y = batch["labels"].cpu().numpy()

@@ -8,6 +8,7 @@ sampler, streams, RNG) is in the checkpoint, so a resumed run continues bit for 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -23,6 +24,7 @@ from metalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
 from metalm.train.logging import RunLogger
+from metalm.train.precision import autocast, check_precision
 
 
 @dataclass
@@ -45,7 +47,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
                eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
                progress: bool = True, on_step: Callable[[int], None] | None = None,
-               tensorboard: bool = True) -> LoopResult:
+               tensorboard: bool = True, precision: str = "fp32") -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -53,9 +55,12 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
         on_step: called with the step number after each step (tests use it to simulate a kill).
+        precision: ``fp32`` or ``bf16`` (autocast for the algorithm's step, meta-tests and evaluation;
+            ``metalm.train.precision``).
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed)
     device = next(model.parameters()).device
+    mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
@@ -71,11 +76,13 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                dynamic_ncols=True)
     try:
         if start == 0:
-            _meta_test(sampler, model, tasks, 0)
+            with mixed():
+                _meta_test(sampler, model, tasks, 0)
         for step in bar:
             episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
             optimizer.zero_grad(set_to_none=True)
-            stats = algorithm.step(model, episodes)
+            with mixed():
+                stats = algorithm.step(model, episodes)
             if getattr(sampler, "needs_encoder_grad_norm", False):
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(model, clip_norm)
@@ -83,14 +90,16 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             scheduler.step()
             sampler.update({"tasks": [e.task for e in episodes], **stats})
             done = step + 1
-            _meta_test(sampler, model, tasks, done)
+            with mixed():
+                _meta_test(sampler, model, tasks, done)
             result.step, result.last_loss = done, stats.get("loss", float("nan"))
             if log_every and (done % log_every == 0 or done == steps):
                 logger.log({"event": "train", "step": done, "task": episodes[0].task,
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
                 bar.set_postfix(loss=f"{result.last_loss:.4f}")
             if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
-                record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks)}
+                with mixed():
+                    record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks)}
                 logger.log(record)
                 result.evaluations.append(record)
                 model.train()
