@@ -72,7 +72,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                   if all(s in task.splits for s in task.spec.eval_splits)}
     algorithm = build_algorithm(settings.algorithm, **algorithm_settings(settings.algorithm, {
         "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
-        "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps}))
+        "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
+        "inner_optimizer": settings.inner_optimizer, "inner_betas": settings.inner_betas,
+        "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay}))
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
                batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},

@@ -147,6 +147,12 @@ class TrainSettings:
     """maml / metapretrain: drop second derivatives (FOMAML; Lv et al. Eq. 5)."""
     recompute_inner_steps: bool = False
     """maml / metapretrain, second order: recompute inner steps in backward to save memory."""
+    inner_optimizer: str = "sgd"
+    """Meta-learning algorithms: `sgd` (Dou et al. Eq. 1) or `adam`, a differentiable Adam (AdamW with
+    `inner_weight_decay`; Xue's Reptile uses AdamW inside), at `inner_lr`."""
+    inner_betas: tuple[float, float] = (0.9, 0.999)
+    inner_eps: float = 1e-8
+    inner_weight_decay: float = 0.0
     objectives: tuple[ObjectiveConfig, ...] = ()
     """Pre-training objectives on corpora, trained as further tasks beside `tasks`."""
     task_inner_steps: dict[str, int] | None = None

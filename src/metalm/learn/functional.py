@@ -99,8 +99,8 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float,
 
 
 def adapt_with_losses(loss_fn: LossFn | Sequence[LossFn], params: Params, support: Sequence[Batch], *, lr: float,
-                      first_order: bool, steps: int | None = None,
-                      recompute: bool = False) -> tuple[Params, list[Tensor]]:
+                      first_order: bool, steps: int | None = None, recompute: bool = False,
+                      optimizer=None) -> tuple[Params, list[Tensor]]:
     """``adapt`` that also returns the loss before each inner step (detached scalars).
 
     ``loss_fn`` may be one function per support batch (cross-task support, Lv et al.).
@@ -108,22 +108,39 @@ def adapt_with_losses(loss_fn: LossFn | Sequence[LossFn], params: Params, suppor
     checkpointed with its input parameters as explicit inputs and recomputed during the outer
     backward, trading one more forward/backward per inner step for memory that no longer grows
     with the activations of every step (MiniLM 8x64, k=5: 574 MB instead of 1339 MB peak, README Benchmarks).
+    ``optimizer``: None for SGD with learning rate ``lr``, or an ``inner_optim.InnerAdam`` (its own lr).
     """
     steps = len(support) if steps is None else steps
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if steps and not support:
         raise ValueError(f"{steps} inner steps need at least one support batch, got none")
+    if optimizer is not None and recompute and not first_order:
+        raise ValueError("recompute_inner_steps supports the SGD inner loop only (inner_optimizer: sgd)")
     losses = []
+    state = optimizer.init() if optimizer is not None else None
     for k in range(steps):
         fn = loss_fn[k % len(loss_fn)] if isinstance(loss_fn, (list, tuple)) else loss_fn
         batch = support[k % len(support)]
-        if recompute and not first_order:
+        if optimizer is not None:
+            params, state, loss = _optimizer_step(fn, params, batch, optimizer, state, k + 1, first_order)
+        elif recompute and not first_order:
             params, loss = _recomputed_step(fn, params, batch, lr=lr)
         else:
             params, loss = inner_step(fn, params, batch, lr=lr, first_order=first_order)
         losses.append(loss)
     return params, losses
+
+
+def _optimizer_step(loss_fn: LossFn, params: Params, batch: Batch, optimizer, state, step: int,
+                    first_order: bool) -> tuple[Params, object, Tensor]:
+    """One inner step of a stateful optimiser (``inner_optim.InnerAdam``): gradients as in
+    ``inner_step`` (detached for first order), then the optimiser's functional update."""
+    loss = loss_fn(params, batch)
+    names = [name for name, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+    new, state = optimizer.update(params, dict(zip(names, grads)), state, step)
+    return new, state, loss.detach()
 
 
 def _recomputed_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float) -> tuple[Params, Tensor]:

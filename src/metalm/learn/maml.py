@@ -22,6 +22,7 @@ from torch import nn
 
 from metalm.learn.functional import (mean_losses, Params, accumulate_grads, adapt_with_losses, episode_vocabulary,
                                     task_loss_fn, trainable_params)
+from metalm.learn.inner_optim import build_inner_optimizer
 
 if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
     from metalm.learn.algorithms import Episode
@@ -63,7 +64,7 @@ def _second_order_context(first_order: bool):
 
 def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float, first_order: bool,
                inner_steps: int | None = None, recompute: bool = False,
-               compact_vocabulary: bool = True) -> tuple[Params, dict[str, float]]:
+               compact_vocabulary: bool = True, inner_optimizer=None) -> tuple[Params, dict[str, float]]:
     """The MAML (or FOMAML) meta-gradient, averaged over the episodes of a meta-batch.
 
     ``model`` is not modified (besides, for second order, the attention switch of
@@ -79,7 +80,8 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
             their activations (memory roughly flat in k, one more forward/backward per step).
         compact_vocabulary: run each episode on the word-embedding rows its batches use
             (``episode_vocabulary``; the same meta-gradient, less memory and time); it applies
-            itself only where that is exact.
+            itself only where that is exact (not with inner weight decay, which moves unused rows).
+        inner_optimizer: None for SGD at ``inner_lr``, or an ``inner_optim.InnerAdam``.
 
     Returns:
         (name -> mean meta-gradient, only for parameters some query loss reaches;
@@ -101,12 +103,13 @@ def maml_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float
             inner_fns = [task_loss_fn(model, episode.support_task(i)) for i in range(len(episode.support))] \
                 if episode.support_tasks else loss_fn
             inner_params, support, query = params, list(episode.support), episode.query
-            if compact_vocabulary:
+            if compact_vocabulary and getattr(inner_optimizer, "weight_decay", 0.0) == 0.0:
                 tasks = [episode.task, *(episode.support_task(i) for i in range(len(support)))]
                 inner_params, batches = episode_vocabulary(model, params, [*support, query], tasks)
                 support, query = batches[:-1], batches[-1]
             adapted, losses = adapt_with_losses(inner_fns, inner_params, support, lr=inner_lr,
-                                                first_order=first_order, steps=inner_steps, recompute=recompute)
+                                                first_order=first_order, steps=inner_steps, recompute=recompute,
+                                                optimizer=inner_optimizer)
             query_loss = loss_fn(adapted, query)
             # second order: this backpropagates through every inner step to θ
             episode_grads = torch.autograd.grad(query_loss, [params[n] for n in names], allow_unused=True)
@@ -134,10 +137,14 @@ class MAML:
             the episode's task (Lv et al. 2020, Algorithm 1: meta-learning as pre-training).
         recompute_inner_steps: second order: trade compute for memory by recomputing the
             inner steps during the outer backward.
+        inner_optimizer: ``sgd`` (Dou et al. Eq. 1) or ``adam`` (differentiable Adam, AdamW with
+            ``inner_weight_decay``; ``metalm.learn.inner_optim``), with ``inner_betas``/``inner_eps``.
     """
 
     def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, first_order: bool = False,
-                 cross_task: bool = False, recompute_inner_steps: bool = False):
+                 cross_task: bool = False, recompute_inner_steps: bool = False, inner_optimizer: str = "sgd",
+                 inner_betas: tuple[float, float] = (0.9, 0.999), inner_eps: float = 1e-8,
+                 inner_weight_decay: float = 0.0):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 0:
@@ -148,10 +155,15 @@ class MAML:
         self.support_batches = inner_steps
         self.cross_task_support = cross_task
         self.recompute_inner_steps = recompute_inner_steps
+        self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
+                                                     weight_decay=inner_weight_decay, second_order=not first_order)
+        if self.inner_optimizer is not None and recompute_inner_steps and not first_order:
+            raise ValueError("recompute_inner_steps supports the SGD inner loop only (inner_optimizer: sgd)")
 
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds the mean meta-gradient into ``.grad``; returns ``loss`` and ``support_loss``."""
         grads, stats = maml_grads(model, episodes, inner_lr=self.inner_lr, first_order=self.first_order,
-                                  inner_steps=self.inner_steps, recompute=self.recompute_inner_steps)
+                                  inner_steps=self.inner_steps, recompute=self.recompute_inner_steps,
+                                  inner_optimizer=self.inner_optimizer)
         accumulate_grads(trainable_params(model), grads)
         return stats

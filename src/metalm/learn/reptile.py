@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from metalm.learn.functional import mean_losses, Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
+from metalm.learn.inner_optim import build_inner_optimizer
 
 if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
     from metalm.learn.algorithms import Episode
 
 
 def reptile_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: float,
-                  inner_steps: int | None = None) -> tuple[Params, dict[str, float]]:
+                  inner_steps: int | None = None, inner_optimizer=None) -> tuple[Params, dict[str, float]]:
     """The Reptile pseudo-gradient ``θ − mean_i θ_i^(k)`` over a meta-batch.
 
     The inner loop differentiates detached views of the parameters (no graph to θ, no
@@ -37,6 +38,7 @@ def reptile_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: fl
         episodes: the meta-batch; each adapts on its ``support`` batches.
         inner_lr: the inner learning rate α of Eq. 1.
         inner_steps: k; None for one inner step per support batch.
+        inner_optimizer: None for SGD at ``inner_lr``, or an ``inner_optim.InnerAdam`` (Xue's AdamW).
 
     Returns:
         (name -> pseudo-gradient, only for parameters some inner step changed;
@@ -52,7 +54,7 @@ def reptile_grads(model: nn.Module, episodes: Sequence[Episode], *, inner_lr: fl
     for episode in episodes:
         loss_fn = task_loss_fn(model, episode.task)
         adapted, losses = adapt_with_losses(loss_fn, theta, episode.support, lr=inner_lr, first_order=True,
-                                            steps=inner_steps)
+                                            steps=inner_steps, optimizer=inner_optimizer)
         with torch.no_grad():
             for name, p in adapted.items():
                 if p is theta[name]:  # no inner step reached it (another task's head)
@@ -71,9 +73,12 @@ class Reptile:
         inner_lr: the inner learning rate α (Dou et al. Eq. 1).
         inner_steps: k, the inner SGD steps per episode (one support batch each).
         task_inner_steps: task -> its own k (Xue, Table 1: sst 4, para 4, sts 8); others use ``inner_steps``.
+        inner_optimizer: ``sgd`` or ``adam`` (AdamW with ``inner_weight_decay``; Xue's inner optimiser).
     """
 
-    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, task_inner_steps: dict | None = None):
+    def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, task_inner_steps: dict | None = None,
+                 inner_optimizer: str = "sgd", inner_betas: tuple[float, float] = (0.9, 0.999),
+                 inner_eps: float = 1e-8, inner_weight_decay: float = 0.0):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 1:
@@ -82,6 +87,8 @@ class Reptile:
         self.inner_steps = inner_steps
         self.support_batches = inner_steps
         self.task_inner_steps = dict(task_inner_steps or {})
+        self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
+                                                     weight_decay=inner_weight_decay)
         if any(k < 1 for k in self.task_inner_steps.values()):
             raise ValueError(f"task_inner_steps must be >= 1, got {self.task_inner_steps}")
 
@@ -89,6 +96,7 @@ class Reptile:
         """Adds ``θ − mean_i θ_i^(k)`` into ``.grad``; returns ``loss`` and ``support_loss``."""
         # One inner step per support batch: the loop draws each task's own number of batches.
         steps = None if self.task_inner_steps else self.inner_steps
-        grads, stats = reptile_grads(model, episodes, inner_lr=self.inner_lr, inner_steps=steps)
+        grads, stats = reptile_grads(model, episodes, inner_lr=self.inner_lr, inner_steps=steps,
+                                     inner_optimizer=self.inner_optimizer)
         accumulate_grads(trainable_params(model), grads)
         return stats
