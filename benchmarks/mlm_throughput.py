@@ -1,0 +1,248 @@
+"""MLM pre-training throughput: metalm's ``mlm`` objective and training loop against the Hugging Face
+Trainer with ``DataCollatorForLanguageModeling``, on the same weights, sentences, batches and optimiser.
+
+    python benchmarks/mlm_throughput.py [--quick] [--encoder minilm] [--batch 16] [--seq 128] [--steps 24] [--json out.json]
+
+Both sides start from the same encoder weights (``load_encoder(--encoder)``, seeded; the Trainer's
+``BertForMaskedLM`` gets the encoder's state dict, its prediction head tied to the word embeddings
+as metalm's) and train on the same training sentences of the corpus (``--corpus``, default the
+State of the Union folder, read and tokenised once through ``metalm.objectives.task.load_objective``):
+metalm's ``BatchStream`` order is computed once and the Trainer reads the same rows in that order
+(``train_sampling_strategy="sequential"``), so every step of both sides sees the same sentences,
+padded to the longest in the batch, ``[CLS] ... [SEP]``, at most ``--seq`` tokens. Both mask 15% of
+the non-special tokens (80% [MASK], 10% random, 10% kept), use fused AdamW (lr 5e-5, weight decay
+0.01 off biases and LayerNorm, linear warm-up over 10% of the steps then decay), clip gradients at
+norm 1 and run in fp32:
+
+* **metalm**: ``metalm.train.loop.train_loop`` with the ``multitask`` algorithm over one ``mlm``
+  objective (``ObjectiveTask``: its head projects only the masked positions onto the vocabulary);
+* **Hugging Face**: ``transformers.Trainer`` on ``BertForMaskedLM`` with
+  ``DataCollatorForLanguageModeling(mlm_probability=0.15)``, ``report_to="none"``, no evaluation,
+  no saving, no logging, no progress bar.
+
+Each side runs in its own fresh process (``_measure.run_fresh``), ``--rounds`` rounds alternating
+which side goes first. Tokens/s = non-padding input tokens (``attention_mask`` ones, [CLS] and
+[SEP] included) of the timed steps / their wall time, from the end of the ``--warmup``-th step to
+the end of the last (data loading, masking, forward, backward, clipping, optimiser and scheduler
+steps all inside). The per-step token counts of the two sides are checked equal. Target: metalm
+≥ 1.8× the Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRELOAD = [*_measure.PRELOAD, "transformers.trainer", "transformers.data.data_collator", "metalm.train.loop",
+           "metalm.objectives.task", "metalm.builders"]
+SIDES = ("metalm", "hf_trainer")
+SIDE_NAMES = {"metalm": "metalm (mlm objective, train_loop)", "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling"}
+LR, WEIGHT_DECAY, WARMUP_RATIO, MASK_PROB = 5e-5, 0.01, 0.1, 0.15
+
+
+def _setup(cfg: dict):
+    """Seeded MultiTaskModel with an ``mlm`` head, the mlm ObjectiveTask, and the device."""
+    import torch
+
+    from metalm.builders import add_heads, build_model, build_objectives
+    from metalm.schema import CorpusConfig, DataConfig, EncoderConfig, ObjectiveConfig
+
+    _measure.quiet_transformers()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model, tokenizer = build_model(EncoderConfig(name=cfg["encoder"]), seed=cfg["seed"])
+    corpus = CorpusConfig(paths=(cfg["corpus"],), max_sentences=cfg["max_sentences"])
+    tasks = build_objectives([ObjectiveConfig(objective="mlm", corpus=corpus, mask_prob=MASK_PROB)], tokenizer,
+                             data=DataConfig(cache_dir=None), max_length=cfg["seq"], seed=cfg["seed"])
+    add_heads(model, tasks, seed=cfg["seed"])
+    return model, tokenizer, tasks["mlm"], torch.device(cfg["device"])
+
+
+def _timed(stamps: list[float], tokens: list[int], warmup: int) -> dict:
+    """Tokens/s over steps ``warmup+1..N`` from the end-of-step times and per-step token counts."""
+    seconds = stamps[-1] - stamps[warmup - 1]
+    timed_tokens = sum(tokens[warmup:len(stamps)])
+    return {"tokens_per_s": timed_tokens / seconds, "seconds": seconds, "timed_tokens": timed_tokens,
+            "step_time_s": seconds / (len(stamps) - warmup), "tokens": tokens[:len(stamps)],
+            "steps": len(stamps)}
+
+
+def run_metalm(cfg: dict) -> dict:
+    """``train_loop`` over the mlm objective for ``steps`` steps; end-of-step times and tokens per step."""
+    from metalm.builders import build_optimization
+    from metalm.learn.algorithms import build_algorithm
+    from metalm.learn.samplers import CategoricalSampler
+    from metalm.schema import OptimConfig
+    from metalm.train.loop import train_loop
+
+    model, _, task, device = _setup(cfg)
+    model.to(device)
+    tokens, stamps = [], []
+    batch = task.batch
+
+    def counting(split, indices):
+        out = batch(split, indices)
+        if split == "train":
+            tokens.append(int(out["attention_mask"].sum()))
+        return out
+
+    task.batch = counting
+    optimizer, scheduler = build_optimization(model, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY,
+                                                                 warmup_ratio=WARMUP_RATIO), steps=cfg["steps"])
+
+    def on_step(done: int) -> None:
+        _measure.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        train_loop(model=model, tasks={"mlm": task}, algorithm=build_algorithm("multitask"),
+                   sampler=CategoricalSampler({"mlm": 1.0}, seed=cfg["seed"]), optimizer=optimizer,
+                   scheduler=scheduler, steps=cfg["steps"], batch_size=cfg["batch"], seed=cfg["seed"],
+                   run_dir=run_dir, clip_norm=1.0, log_every=0, progress=False, tensorboard=False, on_step=on_step)
+    return _timed(stamps, tokens, cfg["warmup"])
+
+
+def run_hf_trainer(cfg: dict) -> dict:
+    """``transformers.Trainer`` on ``BertForMaskedLM`` over the rows metalm's loop would draw, in its order."""
+    import torch
+    from transformers import (BertForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
+                              TrainingArguments)
+    from transformers.trainer_callback import PrinterCallback
+
+    from metalm.train.loop import make_streams
+
+    encoder_model, tokenizer, task, device = _setup(cfg)
+    encoder = encoder_model.encoder
+    torch.manual_seed(cfg["seed"])
+    model = BertForMaskedLM(encoder.config)
+    missing, unexpected = model.bert.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"encoder weights do not fit BertForMaskedLM: missing {missing}, unexpected {unexpected}")
+    if model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight:
+        raise RuntimeError("BertForMaskedLM's decoder is not tied to the word embeddings")
+    del encoder_model, encoder
+    # The rows metalm's train_loop draws (the same seeded stream), one example per row, in order.
+    stream = make_streams({"mlm": task}, batch_size=cfg["batch"], seed=cfg["seed"])["mlm"]
+    ids, v = task.splits["train"]["ids"], task.vocab
+    rows = [task.rows["train"][i] for _ in range(cfg["steps"]) for i in stream.next_indices()]
+    examples = [{"input_ids": [v.cls_id] + list(ids[r][:cfg["seq"] - 2]) + [v.sep_id]} for r in rows]
+    tokens, stamps = [], []
+
+    class Counting(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Stamps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            _measure.synchronize(device)
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=cfg["steps"], learning_rate=LR,
+            weight_decay=WEIGHT_DECAY, warmup_steps=int(math.ceil(WARMUP_RATIO * cfg["steps"])),
+            lr_scheduler_type="linear", optim="adamw_torch_fused", max_grad_norm=1.0, seed=cfg["seed"],
+            train_sampling_strategy="sequential", report_to="none", eval_strategy="no", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu")
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MASK_PROB)
+        trainer = Counting(model=model, args=args, train_dataset=examples, data_collator=collator,
+                           callbacks=[Stamps()])
+        trainer.remove_callback(PrinterCallback)  # the end-of-training metrics line, printed to stdout
+        trainer.train()
+    if trainer.args.gradient_accumulation_steps != 1 or len(stamps) != cfg["steps"]:
+        raise RuntimeError(f"the Trainer ran {len(stamps)} steps, expected {cfg['steps']}")
+    return _timed(stamps, tokens, cfg["warmup"])
+
+
+RUNNERS = {"metalm": run_metalm, "hf_trainer": run_hf_trainer}
+
+
+def _measure_side(cfg: dict) -> dict:
+    return RUNNERS[cfg["side"]](cfg)
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    device = _measure.resolve_device(args.device)
+    machine = _measure.machine(device, args.threads)
+    ctx = _measure.context(PRELOAD)
+    base = dict(encoder=args.encoder, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                corpus=args.corpus, max_sentences=args.max_sentences, seed=args.seed, device=device,
+                threads=args.threads)
+    started = time.perf_counter()
+    per_side: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for r in range(args.rounds):
+        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+            print(f"  round {r + 1}/{args.rounds}: {side} ...", end=" ", file=sys.stderr, flush=True)
+            out = _measure.run_fresh(ctx, _measure_side, dict(base, side=side), side)
+            print(f"{out['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+            per_side[side].append(out)
+    first = per_side["metalm"][0]["tokens"]
+    if any(out["tokens"] != first for outs in per_side.values() for out in outs):
+        raise RuntimeError("the two sides processed different numbers of tokens per step (different batches)")
+    wall = time.perf_counter() - started
+    rate = {s: statistics.median(o["tokens_per_s"] for o in outs) for s, outs in per_side.items()}
+    step = {s: statistics.median(o["step_time_s"] for o in outs) for s, outs in per_side.items()}
+    ratio = rate["metalm"] / rate["hf_trainer"]
+    timed_steps = args.steps - args.warmup
+    padded = sum(first[args.warmup:])
+    checks = [_measure.target("MLM tokens/s: metalm / HF Trainer", ratio, 1.8, at_least=True)]
+    lines = [f"## MLM pre-training throughput: {args.encoder}, batch {args.batch}, at most {args.seq} tokens, "
+             f"{timed_steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds (median)", "",
+             "| implementation | tokens/s | s/step | × HF Trainer |", "|---|---:|---:|---:|"]
+    for s in SIDES:
+        lines.append(f"| {SIDE_NAMES[s]} | {rate[s]:,.0f} | {step[s]:.3f} | {rate[s] / rate['hf_trainer']:.2f} |")
+    lines += ["", f"- command: `{command}` (cwd {os.getcwd()})",
+              f"- machine: {_measure.machine_line(machine)} (load at start)",
+              f"- corpus: {args.corpus} (training sentences, at most {args.max_sentences}); the same rows in the "
+              f"same order on both sides: {padded:,} non-padding tokens in the timed steps "
+              f"({padded / (timed_steps * args.batch):.1f} per sentence), checked equal per step",
+              "- tokens/s: non-padding input tokens ([CLS]/[SEP] included) / wall time of the timed steps, each "
+              "side in a fresh process; both: 15% masking (80/10/10), fused AdamW lr 5e-5 wd 0.01, linear "
+              "warm-up 10%, clip 1.0, fp32",
+              _measure.target_line(checks[0]), f"- wall time: {wall:.1f} s"]
+    return {"name": "mlm_throughput", "text": "\n".join(lines), "targets": checks,
+            "json": {"command": command, "cwd": os.getcwd(), "machine": machine, "settings": base | {"rounds": args.rounds},
+                     "tokens_per_s": rate, "step_time_s": step, "ratio": ratio, "timed_tokens": padded,
+                     "runs": {s: [{k: o[k] for k in ("tokens_per_s", "seconds", "step_time_s")} for o in outs]
+                              for s, outs in per_side.items()},
+                     "tokens_per_step": first, "wall_time_s": wall, "targets": checks}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _measure.add_common_args(p)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run, warm-up included (default 24; quick: 4)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 4; quick: 1)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds over both sides, alternating (default 2; quick: 1)")
+    p.add_argument("--corpus", default=None, help="corpus path (default ../shared/data/corpus/sotu; quick: lee_background.cor)")
+    p.add_argument("--max-sentences", type=int, default=None, help="training sentences read (default 4000; quick: 200)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    root = Path(os.environ.get("METALM_DATA") or PROJECT_ROOT.parent / "shared" / "data")
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=4, seq=32, steps=4, warmup=1, rounds=1,
+                                            corpus=str(root / "corpus" / "lee_background.cor"), max_sentences=200),
+                           full=dict(encoder="minilm", batch=16, seq=128, steps=24, warmup=4, rounds=2,
+                                     corpus=str(root / "corpus" / "sotu"), max_sentences=4000))
+    if args.warmup < 1 or args.steps <= args.warmup or args.rounds < 1:
+        p.error("need --warmup >= 1, --steps > --warmup and --rounds >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    return _measure.script_main(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
