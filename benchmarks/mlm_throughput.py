@@ -1,7 +1,7 @@
 """MLM pre-training throughput: metalm's ``mlm`` objective and training loop against the Hugging Face
 Trainer with ``DataCollatorForLanguageModeling``, on the same weights, sentences, batches and optimiser.
 
-    python benchmarks/mlm_throughput.py [--quick] [--encoder minilm] [--batch 16] [--seq 128] [--steps 24] [--json out.json]
+    python benchmarks/mlm_throughput.py [--quick] [--encoder minilm] [--batch 16] [--seq 128] [--steps 16] [--json out.json]
 
 Both sides start from the same encoder weights (``load_encoder(--encoder)``, seeded; the Trainer's
 ``BertForMaskedLM`` gets the encoder's state dict, its prediction head tied to the word embeddings
@@ -223,8 +223,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _measure.add_common_args(p)
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run, warm-up included (default 24; quick: 4)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 4; quick: 1)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run, warm-up included (default 16; quick: 4)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; quick: 1)")
     p.add_argument("--rounds", type=int, default=None, help="rounds over both sides, alternating (default 2; quick: 1)")
     p.add_argument("--corpus", default=None, help="corpus path (default ../shared/data/corpus/sotu; quick: lee_background.cor)")
     p.add_argument("--max-sentences", type=int, default=None, help="training sentences read (default 4000; quick: 200)")
@@ -233,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     root = Path(os.environ.get("METALM_DATA") or PROJECT_ROOT.parent / "shared" / "data")
     _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=4, seq=32, steps=4, warmup=1, rounds=1,
                                             corpus=str(root / "corpus" / "lee_background.cor"), max_sentences=200),
-                           full=dict(encoder="minilm", batch=16, seq=128, steps=24, warmup=4, rounds=2,
+                           full=dict(encoder="minilm", batch=16, seq=128, steps=16, warmup=3, rounds=2,
                                      corpus=str(root / "corpus" / "sotu"), max_sentences=4000))
     if args.warmup < 1 or args.steps <= args.warmup or args.rounds < 1:
         p.error("need --warmup >= 1, --steps > --warmup and --rounds >= 1")
