@@ -108,3 +108,10 @@ def _numeric(kind) -> bool:
     import pyarrow as pa
 
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def row_lengths(column: Sequence) -> np.ndarray:
+    """(rows,) the length of every row of a ragged column (a ``RaggedColumn`` or a list of lists)."""
+    if isinstance(column, RaggedColumn):
+        return column.lengths()
+    return np.fromiter((len(row) for row in column), dtype=np.int64, count=len(column))

@@ -19,6 +19,7 @@ from metalm import config as cfg
 from metalm.config import to_dict
 from metalm.data.batching import Batch, collate
 from metalm.data.cache import cached_columns, file_digest
+from metalm.data.columns import row_lengths
 from metalm.data.sampling import subsample
 from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
 from metalm.tasks import metrics
@@ -50,6 +51,10 @@ class Task:
 
     def labels(self, split: str) -> list:
         return self._columns(split)["labels"]
+
+    def lengths(self, split: str = "train") -> np.ndarray:
+        """(rows,) tokens of every row of ``split`` (for length-grouped batches)."""
+        return row_lengths(self._columns(split)["input_ids"])
 
     def _columns(self, split: str) -> dict[str, list]:
         if split not in self.splits:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metalm.data.batching import BatchStream, to_device
+from metalm.data.length_grouping import LengthGroupedStream
 from metalm.learn.algorithms import Algorithm, Episode
 from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
@@ -32,11 +33,18 @@ class LoopResult:
     evaluations: list[dict] = field(default_factory=list)
 
 
-def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int) -> dict[str, BatchStream]:
-    """One seeded stream per task over its training split (seed offset by task order)."""
+def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int,
+                 group_by_length: bool = False) -> dict[str, BatchStream]:
+    """One seeded stream per task over its training split (seed offset by task order); with
+    ``group_by_length``, length-grouped batches for every task that has ``lengths(split)``."""
     sizes = batch_size if isinstance(batch_size, Mapping) else {n: batch_size for n in tasks}
-    return {name: BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i)
-            for i, (name, task) in enumerate(tasks.items())}
+    streams = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        if group_by_length and hasattr(task, "lengths"):
+            streams[name] = LengthGroupedStream(task.lengths("train"), sizes[name], seed=seed * 1000 + i)
+        else:
+            streams[name] = BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i)
+    return streams
 
 
 def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: Algorithm, sampler: Sampler,
@@ -45,7 +53,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
                eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
                progress: bool = True, on_step: Callable[[int], None] | None = None,
-               tensorboard: bool = True) -> LoopResult:
+               tensorboard: bool = True, group_by_length: bool = False) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -53,8 +61,9 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
         on_step: called with the step number after each step (tests use it to simulate a kill).
+        group_by_length: batches of rows of similar length (``LengthGroupedStream``), less padding.
     """
-    streams = make_streams(tasks, batch_size=batch_size, seed=seed)
+    streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
