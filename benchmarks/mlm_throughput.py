@@ -18,14 +18,18 @@ norm 1 and run in fp32:
   objective (``ObjectiveTask``: its head projects only the masked positions onto the vocabulary);
 * **Hugging Face**: ``transformers.Trainer`` on ``BertForMaskedLM`` with
   ``DataCollatorForLanguageModeling(mlm_probability=0.15)``, ``report_to="none"``, no evaluation,
-  no saving, no logging, no progress bar.
+  no saving, no logging, no progress bar;
+* and each with batches grouped by length (less padding): metalm's ``train.group_by_length``
+  (``LengthGroupedStream``) and the Trainer's ``train_sampling_strategy="group_by_length"``
+  (``LengthGroupedSampler``), both over all training sentences in pools of 50 batches. Their
+  batches differ (each draws its own), so tokens per step differ; tokens/s is comparable.
 
 Each side runs in its own fresh process (``_measure.run_fresh``), ``--rounds`` rounds alternating
 which side goes first. Tokens/s = non-padding input tokens (``attention_mask`` ones, [CLS] and
 [SEP] included) of the timed steps / their wall time, from the end of the ``--warmup``-th step to
 the end of the last (data loading, masking, forward, backward, clipping, optimiser and scheduler
-steps all inside). The per-step token counts of the two sides are checked equal. Target: metalm
-≥ 1.8× the Trainer.
+steps all inside). The per-step token counts of the first two are checked equal. Target: metalm
+≥ 1.8× the Trainer, on the same batches and with both grouping by length (``--sides`` picks rows).
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ import _measure  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRELOAD = [*_measure.PRELOAD, "transformers.trainer", "transformers.data.data_collator", "metalm.train.loop",
            "metalm.objectives.task", "metalm.builders"]
-SIDES = ("metalm", "hf_trainer")
-SIDE_NAMES = {"metalm": "metalm (mlm objective, train_loop)", "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling"}
+SIDES = ("metalm", "hf_trainer", "metalm_grouped", "hf_grouped")
+SIDE_NAMES = {"metalm": "metalm (mlm objective, train_loop)", "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling",
+              "metalm_grouped": "metalm, `train.group_by_length: true`",
+              "hf_grouped": "HF Trainer, `train_sampling_strategy=\"group_by_length\"`"}
+PAIRS = (("metalm", "hf_trainer"), ("metalm_grouped", "hf_grouped"))
 LR, WEIGHT_DECAY, WARMUP_RATIO, MASK_PROB = 5e-5, 0.01, 0.1, 0.15
 
 
@@ -108,7 +115,8 @@ def run_metalm(cfg: dict) -> dict:
         train_loop(model=model, tasks={"mlm": task}, algorithm=build_algorithm("multitask"),
                    sampler=CategoricalSampler({"mlm": 1.0}, seed=cfg["seed"]), optimizer=optimizer,
                    scheduler=scheduler, steps=cfg["steps"], batch_size=cfg["batch"], seed=cfg["seed"],
-                   run_dir=run_dir, clip_norm=1.0, log_every=0, progress=False, tensorboard=False, on_step=on_step)
+                   run_dir=run_dir, clip_norm=1.0, log_every=0, progress=False, tensorboard=False, on_step=on_step,
+                   group_by_length=cfg["side"] == "metalm_grouped")
     return _timed(stamps, tokens, cfg["warmup"])
 
 
@@ -131,10 +139,13 @@ def run_hf_trainer(cfg: dict) -> dict:
     if model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight:
         raise RuntimeError("BertForMaskedLM's decoder is not tied to the word embeddings")
     del encoder_model, encoder
-    # The rows metalm's train_loop draws (the same seeded stream), one example per row, in order.
-    stream = make_streams({"mlm": task}, batch_size=cfg["batch"], seed=cfg["seed"])["mlm"]
+    grouped = cfg["side"] == "hf_grouped"
     ids, v = task.splits["train"]["ids"], task.vocab
-    rows = [task.rows["train"][i] for _ in range(cfg["steps"]) for i in stream.next_indices()]
+    if grouped:  # every training sentence; the Trainer's LengthGroupedSampler draws and groups them
+        rows = list(task.rows["train"])
+    else:  # the rows metalm's train_loop draws (the same seeded stream), one example per row, in order
+        stream = make_streams({"mlm": task}, batch_size=cfg["batch"], seed=cfg["seed"])["mlm"]
+        rows = [task.rows["train"][i] for _ in range(cfg["steps"]) for i in stream.next_indices()]
     examples = [{"input_ids": [v.cls_id] + list(ids[r][:cfg["seq"] - 2]) + [v.sep_id]} for r in rows]
     tokens, stamps = [], []
 
@@ -153,7 +164,7 @@ def run_hf_trainer(cfg: dict) -> dict:
             output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=cfg["steps"], learning_rate=LR,
             weight_decay=WEIGHT_DECAY, warmup_steps=int(math.ceil(WARMUP_RATIO * cfg["steps"])),
             lr_scheduler_type="linear", optim="adamw_torch_fused", max_grad_norm=1.0, seed=cfg["seed"],
-            train_sampling_strategy="sequential", report_to="none", eval_strategy="no", save_strategy="no",
+            train_sampling_strategy="group_by_length" if grouped else "sequential", report_to="none", eval_strategy="no", save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
             dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu")
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MASK_PROB)
@@ -166,7 +177,8 @@ def run_hf_trainer(cfg: dict) -> dict:
     return _timed(stamps, tokens, cfg["warmup"])
 
 
-RUNNERS = {"metalm": run_metalm, "hf_trainer": run_hf_trainer}
+RUNNERS = {"metalm": run_metalm, "hf_trainer": run_hf_trainer, "metalm_grouped": run_metalm,
+           "hf_grouped": run_hf_trainer}
 
 
 def _measure_side(cfg: dict) -> dict:
@@ -181,43 +193,53 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 corpus=args.corpus, max_sentences=args.max_sentences, seed=args.seed, device=device,
                 threads=args.threads)
     started = time.perf_counter()
-    per_side: dict[str, list[dict]] = {s: [] for s in SIDES}
+    sides = args.sides
+    per_side: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(args.rounds):
-        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        for side in [sides[(i + r) % len(sides)] for i in range(len(sides))]:  # the order rotates
             print(f"  round {r + 1}/{args.rounds}: {side} ...", end=" ", file=sys.stderr, flush=True)
             out = _measure.run_fresh(ctx, _measure_side, dict(base, side=side), side)
             print(f"{out['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             per_side[side].append(out)
-    first = per_side["metalm"][0]["tokens"]
-    if any(out["tokens"] != first for outs in per_side.values() for out in outs):
-        raise RuntimeError("the two sides processed different numbers of tokens per step (different batches)")
+    same = [out["tokens"] for s in ("metalm", "hf_trainer") if s in per_side for out in per_side[s]]
+    if any(tokens != same[0] for tokens in same):
+        raise RuntimeError("metalm and the HF Trainer processed different tokens per step (different batches)")
     wall = time.perf_counter() - started
     rate = {s: statistics.median(o["tokens_per_s"] for o in outs) for s, outs in per_side.items()}
     step = {s: statistics.median(o["step_time_s"] for o in outs) for s, outs in per_side.items()}
-    ratio = rate["metalm"] / rate["hf_trainer"]
+    timed = {s: statistics.median(o["timed_tokens"] for o in outs) for s, outs in per_side.items()}
+    ratios = {f"{a}/{b}": rate[a] / rate[b] for a, b in PAIRS if a in rate and b in rate}
     timed_steps = args.steps - args.warmup
-    padded = sum(first[args.warmup:])
-    checks = [_measure.target("MLM tokens/s: metalm / HF Trainer", ratio, 1.8, at_least=True)]
+    checks = [_measure.target("MLM tokens/s: metalm / HF Trainer, the same batches", ratios.get("metalm/hf_trainer"),
+                              1.8, at_least=True),
+              _measure.target("MLM tokens/s: metalm / HF Trainer, both grouping by length",
+                              ratios.get("metalm_grouped/hf_grouped"), 1.8, at_least=True)]
+    base_side = "hf_trainer" if "hf_trainer" in rate else None
     lines = [f"## MLM pre-training throughput: {args.encoder}, batch {args.batch}, at most {args.seq} tokens, "
              f"{timed_steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds (median)", "",
-             "| implementation | tokens/s | s/step | × HF Trainer |", "|---|---:|---:|---:|"]
-    for s in SIDES:
-        lines.append(f"| {SIDE_NAMES[s]} | {rate[s]:,.0f} | {step[s]:.3f} | {rate[s] / rate['hf_trainer']:.2f} |")
+             "| implementation | tokens/s | s/step | tokens/step (timed, median) | × HF Trainer |",
+             "|---|---:|---:|---:|---:|"]
+    for s in sides:
+        times = f"{rate[s] / rate[base_side]:.2f}" if base_side else "n/a"
+        lines.append(f"| {SIDE_NAMES[s]} | {rate[s]:,.0f} | {step[s]:.3f} | {timed[s] / timed_steps:,.0f} | {times} |")
     lines += ["", f"- command: `{command}` (cwd {os.getcwd()})",
               f"- machine: {_measure.machine_line(machine)} (load at start)",
-              f"- corpus: {args.corpus} (training sentences, at most {args.max_sentences}); the same rows in the "
-              f"same order on both sides: {padded:,} non-padding tokens in the timed steps "
-              f"({padded / (timed_steps * args.batch):.1f} per sentence), checked equal per step",
+              f"- corpus: {args.corpus} (training sentences, at most {args.max_sentences}). metalm and the HF "
+              "Trainer (first two rows) read the same rows in the same order (metalm's seeded stream; the Trainer "
+              "sequentially), tokens checked equal per step; the grouped rows each draw from all training "
+              "sentences, 50 batches per length-sorted pool",
               "- tokens/s: non-padding input tokens ([CLS]/[SEP] included) / wall time of the timed steps, each "
-              "side in a fresh process; both: 15% masking (80/10/10), fused AdamW lr 5e-5 wd 0.01, linear "
-              "warm-up 10%, clip 1.0, fp32",
-              _measure.target_line(checks[0]), f"- wall time: {wall:.1f} s"]
+              "run in a fresh process, the order rotating per round; all: 15% masking (80/10/10), fused AdamW "
+              "lr 5e-5 wd 0.01, linear warm-up 10%, clip 1.0, fp32",
+              *[_measure.target_line(t) for t in checks], f"- wall time: {wall:.1f} s"]
     return {"name": "mlm_throughput", "text": "\n".join(lines), "targets": checks,
-            "json": {"command": command, "cwd": os.getcwd(), "machine": machine, "settings": base | {"rounds": args.rounds},
-                     "tokens_per_s": rate, "step_time_s": step, "ratio": ratio, "timed_tokens": padded,
-                     "runs": {s: [{k: o[k] for k in ("tokens_per_s", "seconds", "step_time_s")} for o in outs]
-                              for s, outs in per_side.items()},
-                     "tokens_per_step": first, "wall_time_s": wall, "targets": checks}}
+            "json": {"command": command, "cwd": os.getcwd(), "machine": machine,
+                     "settings": base | {"rounds": args.rounds, "sides": sides},
+                     "tokens_per_s": rate, "step_time_s": step, "ratios": ratios,
+                     "timed_tokens": timed, "tokens_per_step": {s: outs[0]["tokens"] for s, outs in per_side.items()},
+                     "runs": {s: [{k: o[k] for k in ("tokens_per_s", "seconds", "step_time_s", "timed_tokens")}
+                                  for o in outs] for s, outs in per_side.items()},
+                     "wall_time_s": wall, "targets": checks}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -229,7 +251,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", default=None, help="corpus path (default ../shared/data/corpus/sotu; quick: lee_background.cor)")
     p.add_argument("--max-sentences", type=int, default=None, help="training sentences read (default 4000; quick: 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     args = p.parse_args(argv)
+    args.sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not args.sides or any(x not in SIDES for x in args.sides):
+        p.error(f"--sides: choose from {', '.join(SIDES)}")
     root = Path(os.environ.get("METALM_DATA") or PROJECT_ROOT.parent / "shared" / "data")
     _measure.fill_defaults(args, quick=dict(encoder="tiny", batch=4, seq=32, steps=4, warmup=1, rounds=1,
                                             corpus=str(root / "corpus" / "lee_background.cor"), max_sentences=200),
