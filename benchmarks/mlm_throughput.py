@@ -20,7 +20,7 @@ norm 1 and run in fp32:
   ``DataCollatorForLanguageModeling(mlm_probability=0.15)``, ``report_to="none"``, no evaluation,
   no saving, no logging, no progress bar;
 * and both again on length-grouped batches: metalm's ``train.group_by_length``
-  (``LengthGroupedStream``: pools of 50 batches sorted by length, batches shuffled, as the
+  (``BatchStream`` with lengths: pools of 50 batches sorted by length, batches shuffled, as the
   Trainer's ``group_by_length`` sampler forms them), the Trainer reading the same batches.
 
 Each row runs in its own fresh process (``_measure.run_fresh``), in ``--rounds`` rounds whose order
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
               f"- machine: {_measure.machine_line(machine)} (load at start)",
               f"- corpus: {args.corpus} (training sentences, at most {args.max_sentences}). The HF Trainer reads "
               "the rows metalm's seeded stream draws, in its order (`train_sampling_strategy=\"sequential\"`): "
-              "random batches, or length-grouped ones (`LengthGroupedStream`, 50 batches per length-sorted "
+              "random batches, or length-grouped ones (`train.group_by_length`, 50 batches per length-sorted "
               "pool, as the Trainer's own `group_by_length` forms them); tokens checked equal per step",
               "- tokens/s: non-padding input tokens ([CLS]/[SEP] included) / wall time of the timed steps, each "
               "run in a fresh process, the order rotating per round; all: 15% masking (80/10/10), fused AdamW "

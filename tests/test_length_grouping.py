@@ -1,4 +1,5 @@
-"""Length-grouped batch streams (metalm.data.length_grouping) and the row lengths tasks report."""
+"""Length-grouped batch streams (BatchStream with lengths, metalm.data.length_grouping) and the row
+lengths tasks report."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 
 from metalm.data.batching import BatchStream
-from metalm.data.length_grouping import LengthGroupedStream
+
+
+def grouped(lengths, batch: int, *, seed: int, pool: int | None = None) -> BatchStream:
+    return BatchStream(len(lengths), batch, seed=seed, lengths=lengths, pool=pool)
 
 
 def _epoch(stream, rows: int, batch: int) -> list[list[int]]:
@@ -18,7 +22,7 @@ def _epoch(stream, rows: int, batch: int) -> list[list[int]]:
 @pytest.mark.parametrize("rows,batch,pool", [(103, 8, 3), (96, 8, 4), (5, 8, 2)])
 def test_every_row_once_per_epoch_in_batches_of_one_sorted_pool(rows, batch, pool):
     lengths = np.random.default_rng(1).integers(3, 120, rows)
-    stream = LengthGroupedStream(lengths, batch, seed=7, pool=pool)
+    stream = grouped(lengths, batch, seed=7, pool=pool)
     for epoch in range(2):
         batches = _epoch(stream, rows, batch)
         assert sorted(i for b in batches for i in b) == list(range(rows))  # each row once
@@ -43,11 +47,11 @@ def test_less_padding_than_random_batches_and_resumes_exactly():
         batches = _epoch(stream, 2000, 16)
         return sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
 
-    assert fill(LengthGroupedStream(lengths, 16, seed=0)) > 0.9 > 0.7 > fill(BatchStream(2000, 16, seed=0))
-    stream = LengthGroupedStream(lengths, 16, seed=3)
+    assert fill(grouped(lengths, 16, seed=0)) > 0.9 > 0.7 > fill(BatchStream(2000, 16, seed=0))
+    stream = grouped(lengths, 16, seed=3)
     for _ in range(130):  # into the second epoch
         stream.next_indices()
-    restored = LengthGroupedStream(lengths, 16, seed=3)
+    restored = grouped(lengths, 16, seed=3)
     restored.load_state_dict(stream.state_dict())
     assert [restored.next_indices() for _ in range(20)] == [stream.next_indices() for _ in range(20)]
 
@@ -81,8 +85,8 @@ def test_task_lengths_and_train_loop_streams(data_root, tokenizer, cache_dir):
     assert task.lengths("dev").tolist() == expected == again.lengths("dev").tolist()
     streams = make_streams({"mlm_like": _Sized(10), "rte": _TrainAlias(again)}, batch_size=4, seed=0,
                            group_by_length=True)
-    assert type(streams["mlm_like"]) is BatchStream  # no lengths(): plain batches
-    assert isinstance(streams["rte"], LengthGroupedStream) and streams["rte"].size == len(expected)
+    assert streams["mlm_like"].lengths is None  # no lengths(): plain batches
+    assert streams["rte"].lengths.tolist() == expected
 
 
 class _Sized:

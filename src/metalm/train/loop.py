@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from metalm.data.batching import BatchStream, to_device
-from metalm.data.length_grouping import LengthGroupedStream
 from metalm.learn.algorithms import Algorithm, Episode
 from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
@@ -40,10 +39,8 @@ def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, in
     sizes = batch_size if isinstance(batch_size, Mapping) else {n: batch_size for n in tasks}
     streams = {}
     for i, (name, task) in enumerate(tasks.items()):
-        if group_by_length and hasattr(task, "lengths"):
-            streams[name] = LengthGroupedStream(task.lengths("train"), sizes[name], seed=seed * 1000 + i)
-        else:
-            streams[name] = BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i)
+        lengths = task.lengths("train") if group_by_length and hasattr(task, "lengths") else None
+        streams[name] = BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i, lengths=lengths)
     return streams
 
 
@@ -61,7 +58,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
         on_step: called with the step number after each step (tests use it to simulate a kill).
-        group_by_length: batches of rows of similar length (``LengthGroupedStream``), less padding.
+        group_by_length: batches of rows of similar length (``BatchStream`` with ``lengths``), less padding.
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
