@@ -1,14 +1,13 @@
 """Every benchmark in one command: each one's table, then every target of the issue in one summary.
 
-    python benchmarks/run_all.py [--quick] [--only meta_step,maml_peers,data_pipeline,flops] [--json out.json]
+    python benchmarks/run_all.py [--quick] [--only meta_step,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead] [--json out.json]
 
-Runs ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py`` and ``flops.py`` one after the
-other with their default sizes (``--quick``: each one's quick mode), prints each one's report as
-it finishes, then a table of every performance target they check (value, target, met or not),
-and writes everything to ``--json`` (default ``benchmarks/results/latest.json``). MLM throughput
-against the Hugging Face Trainer and MOMETAS overhead are not part of the suite yet (they need
-the pre-training objectives and sampler). Targets are printed, never asserted: a shared machine
-moves the numbers.
+Runs ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py``, ``flops.py``, ``mlm_throughput.py``
+and ``sampler_overhead.py`` one after the other with their default sizes (``--quick``: each one's
+quick mode), prints each one's report as it finishes, then a table of every performance target
+they check (value, target, met or not), and writes everything to ``--json`` (default
+``benchmarks/results/latest.json``). Targets are printed, never asserted: a shared machine moves
+the numbers.
 """
 
 from __future__ import annotations
@@ -25,8 +24,11 @@ import data_pipeline  # noqa: E402
 import flops  # noqa: E402
 import maml_peers  # noqa: E402
 import meta_step  # noqa: E402
+import mlm_throughput  # noqa: E402
+import sampler_overhead  # noqa: E402
 
-SUITE = {"meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline, "flops": flops}
+SUITE = {"meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline, "flops": flops,
+         "mlm_throughput": mlm_throughput, "sampler_overhead": sampler_overhead}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _measure  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY)
+import torch  # noqa: E402
 
 from metalm.builders import add_heads, build_model, build_objectives, build_optimization  # noqa: E402
 from metalm.learn.algorithms import build_algorithm  # noqa: E402
@@ -61,10 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Uniform and MOMETAS training runs, alternating; the report (``text``, ``targets``, ``json``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     model, tokenizer = build_model(EncoderConfig(name=args.encoder), seed=0)
     corpus = CorpusConfig(paths=(args.corpus,), max_sentences=60 if args.quick else 4000)
     tasks = build_objectives([ObjectiveConfig(objective=o, corpus=corpus) for o in OBJECTIVES], tokenizer,
@@ -86,42 +87,49 @@ def main(argv=None) -> dict:
     names = list(tasks)
     times = {"uniform": [], "mometas": []}
     meta = []
-    for repeat in range(args.repeats):
-        for kind in ("uniform", "mometas"):
-            model.load_state_dict(initial)
-            sampler = (CategoricalSampler({n: 1.0 for n in names}, seed=repeat) if kind == "uniform" else
-                       MometasSampler(names, seed=repeat, update_every=args.k, meta_lr=0.1, entropy_weight=2.0,
-                                      validation_batch_size=args.batch))
-            optimizer, scheduler = build_optimization(model, OptimConfig(lr=5e-5), steps=args.steps)
-            torch.manual_seed(repeat)
-            meta_test_time[0] = 0.0
-            with tempfile.TemporaryDirectory() as run_dir:
-                start = time.perf_counter()
-                train_loop(model=model, tasks=tasks, algorithm=build_algorithm("multitask"), sampler=sampler,
-                           optimizer=optimizer, scheduler=scheduler, steps=args.steps, batch_size=args.batch,
-                           seed=repeat, run_dir=run_dir, log_every=0, progress=False, tensorboard=False)
-                times[kind].append(time.perf_counter() - start)
-            if kind == "mometas":
-                meta.append(meta_test_time[0])
+    try:
+        for repeat in range(args.repeats):
+            for kind in ("uniform", "mometas"):
+                model.load_state_dict(initial)
+                sampler = (CategoricalSampler({n: 1.0 for n in names}, seed=repeat) if kind == "uniform" else
+                           MometasSampler(names, seed=repeat, update_every=args.k, meta_lr=0.1, entropy_weight=2.0,
+                                          validation_batch_size=args.batch))
+                optimizer, scheduler = build_optimization(model, OptimConfig(lr=5e-5), steps=args.steps)
+                torch.manual_seed(repeat)
+                meta_test_time[0] = 0.0
+                with tempfile.TemporaryDirectory() as run_dir:
+                    start = time.perf_counter()
+                    train_loop(model=model, tasks=tasks, algorithm=build_algorithm("multitask"), sampler=sampler,
+                               optimizer=optimizer, scheduler=scheduler, steps=args.steps, batch_size=args.batch,
+                               seed=repeat, run_dir=run_dir, log_every=0, progress=False, tensorboard=False)
+                    times[kind].append(time.perf_counter() - start)
+                if kind == "mometas":
+                    meta.append(meta_test_time[0])
+    finally:
+        loop_module.validation_losses = timed
     uniform, mometas = statistics.median(times["uniform"]), statistics.median(times["mometas"])
-    result = {"command": " ".join(["python", "benchmarks/sampler_overhead.py", *(argv or sys.argv[1:])]),
-              "encoder": args.encoder, "steps": args.steps, "k": args.k, "batch": args.batch, "seq": args.seq,
-              "repeats": args.repeats, "uniform_s": uniform, "mometas_s": mometas,
-              "overhead_pct": 100 * (mometas - uniform) / uniform,
+    overhead = 100 * (mometas - uniform) / uniform
+    checks = [_measure.target(f"MOMETAS wall-time overhead over uniform, % (K = {args.k})", overhead, 3.0)]
+    machine = _measure.machine("cpu", args.threads)
+    result = {"command": command, "encoder": args.encoder, "steps": args.steps, "k": args.k, "batch": args.batch,
+              "seq": args.seq, "repeats": args.repeats, "uniform_s": uniform, "mometas_s": mometas,
+              "overhead_pct": overhead,
               "meta_test_s": statistics.median(meta), "meta_test_pct": 100 * statistics.median(meta) / uniform,
-              "runs": times, "machine": {"cpu": platform.processor() or platform.machine(),
-                                         "torch": torch.__version__, "threads": torch.get_num_threads()}}
-    print(f"`{result['command']}` ({args.encoder}, {args.steps} steps, batch {args.batch} x {args.seq}, "
-          f"K = {args.k}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print("| sampler | wall time (s, median) | overhead |")
-    print("|---|---|---|")
-    print(f"| uniform | {uniform:.2f} | |")
-    print(f"| MOMETAS | {mometas:.2f} | {result['overhead_pct']:+.1f}% (meta-tests: "
-          f"{result['meta_test_s']:.2f} s = {result['meta_test_pct']:.1f}%) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+              "runs": times, "machine": machine, "wall_time_s": time.perf_counter() - started, "targets": checks}
+    lines = [f"## sampler overhead: {args.encoder}, {args.steps} steps, batch {args.batch} x {args.seq}, "
+             f"K = {args.k}, {args.repeats} repeats (median)", "",
+             "| sampler | wall time (s, median) | overhead |", "|---|---|---|",
+             f"| uniform | {uniform:.2f} | |",
+             f"| MOMETAS | {mometas:.2f} | {overhead:+.1f}% (meta-tests: "
+             f"{result['meta_test_s']:.2f} s = {result['meta_test_pct']:.1f}%) |", "",
+             f"- command: `{command}`", f"- machine: {_measure.machine_line(machine)}",
+             _measure.target_line(checks[0]), f"- wall time: {result['wall_time_s']:.1f} s"]
+    return {"name": "sampler_overhead", "text": "\n".join(lines), "targets": checks, "json": result}
+
+
+def main(argv=None) -> int:
+    return _measure.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,8 +41,9 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     maml_peers are measured (meta-gradients checked equal) or reported as not installed, never absent."""
     out = tmp_path / "all.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only", "maml_peers,data_pipeline,flops",
-                           "--json", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only",
+                           "maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead", "--json", str(out)],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "## targets" in proc.stdout
     result = json.loads(out.read_text())["results"]
@@ -67,6 +68,37 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     (row,) = flops["rows"]
     assert row["method"] == "multitask" and positive(row["flops"]) and 0 < row["utilisation"] < 10
 
+    mlm = result["mlm_throughput"]
+    rates = mlm["tokens_per_s"]
+    assert set(rates) == {"metalm", "hf_trainer", "metalm_grouped", "hf_grouped"} and all(map(positive, rates.values()))
+    assert math.isclose(mlm["ratios"]["metalm/hf_trainer"], rates["metalm"] / rates["hf_trainer"])
+    assert math.isclose(mlm["ratios"]["metalm_grouped/hf_grouped"], rates["metalm_grouped"] / rates["hf_grouped"])
+    assert "| HF Trainer + DataCollatorForLanguageModeling |" in proc.stdout
+    _check_mlm_tokens(mlm)
+
+    overhead = result["sampler_overhead"]
+    assert len(overhead["runs"]["uniform"]) == len(overhead["runs"]["mometas"]) == 1
+    assert overhead["meta_test_s"] > 0 and math.isfinite(overhead["overhead_pct"])
+    assert "| MOMETAS |" in proc.stdout
+
+
+def _check_mlm_tokens(mlm: dict) -> None:
+    """The tokens both sides of mlm_throughput counted per step (checked equal by the script) are the
+    hand count: for each row metalm's stream draws, its word pieces cut to seq - 2, plus [CLS] and [SEP]."""
+    from metalm.data.batching import BatchStream
+    from metalm.models.encoder import load_tokenizer
+    from metalm.objectives.task import load_objective
+
+    s = mlm["settings"]
+    task = load_objective("mlm", load_tokenizer("minilm"), paths=[s["corpus"]], seed=s["seed"],
+                          max_sentences=s["max_sentences"], max_length=s["seq"])
+    stream = BatchStream(task.size("train"), s["batch"], seed=s["seed"] * 1000)  # train_loop's stream of task 0
+    ids = task.splits["train"]["ids"]
+    expected = [sum(min(len(ids[task.rows["train"][i]]), s["seq"] - 2) + 2 for i in stream.next_indices())
+                for _ in range(s["steps"])]
+    assert mlm["tokens_per_step"]["metalm"] == mlm["tokens_per_step"]["hf_trainer"] == expected
+    assert mlm["timed_tokens"]["metalm"] == sum(expected[s["warmup"]:])
+
 
 def test_flop_count_of_a_training_step_matches_the_analytic_count():
     """benchmarks/flops.py counts 3x the forward matmul FLOPs of a BERT step (backward: input and
@@ -88,15 +120,3 @@ def test_flop_count_of_a_training_step_matches_the_analytic_count():
     attention = L * 2 * (2 * B * T * T * H)  # Q K^T and (softmax) V, over all heads
     forward = 2 * B * T * linear + attention + 2 * B * H * C
     assert total == 3 * forward, by_op
-
-
-def test_sampler_overhead_quick_runs_and_reports_the_overhead(tmp_path: Path):
-    out = tmp_path / "sampler_overhead.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/sampler_overhead.py", "--quick", "--steps", "6", "--k", "3",
-                           "--json", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| MOMETAS |" in proc.stdout
-    result = json.loads(out.read_text())
-    assert len(result["runs"]["uniform"]) == len(result["runs"]["mometas"]) == 1
-    assert result["meta_test_s"] > 0 and math.isfinite(result["overhead_pct"])

@@ -25,11 +25,11 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _config(out: Path, data_root: Path, cache: Path) -> TrainConfig:
+def _config(out: Path, data_root: Path, cache: Path, group_by_length: bool = False) -> TrainConfig:
     # Four kinds of task: pair classification, regression, single-sentence, token classification.
     settings = TrainSettings(tasks=("rte", "stsb", "cola", "wnut16"), steps=12, batch_size=4, checkpoint_every=4,
                              log_every=1,
-                             optim=OptimConfig(lr=1e-3, warmup_ratio=0.25))
+                             optim=OptimConfig(lr=1e-3, warmup_ratio=0.25), group_by_length=group_by_length)
     return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32),
                        data=DataConfig(root=str(data_root), cache_dir=str(cache)), seed=3, output_dir=str(out))
 
@@ -40,14 +40,16 @@ def _weights(final: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_kill_and_resume_ends_with_identical_numbers(tmp_path, data_root, shared_cache):
-    straight = run_train(_config(tmp_path / "straight", data_root, shared_cache), progress=False, tensorboard=False)
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_kill_and_resume_ends_with_identical_numbers(tmp_path, data_root, shared_cache, group_by_length):
+    straight = run_train(_config(tmp_path / "straight", data_root, shared_cache, group_by_length), progress=False,
+                         tensorboard=False)
 
     def kill_at_6(step):
         if step == 6:  # after the step-4 checkpoint: steps 5 and 6 are lost and redone
             raise Killed
 
-    cfg = _config(tmp_path / "killed", data_root, shared_cache)
+    cfg = _config(tmp_path / "killed", data_root, shared_cache, group_by_length)
     with pytest.raises(Killed):
         run_train(cfg, progress=False, on_step=kill_at_6, tensorboard=False)
     assert not (tmp_path / "killed" / "final").exists()

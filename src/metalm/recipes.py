@@ -82,7 +82,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
-               precision=cfg.precision)
+               precision=cfg.precision, group_by_length=settings.group_by_length)
     if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))

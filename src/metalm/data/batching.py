@@ -46,18 +46,31 @@ class BatchStream:
     """Endless shuffled batches of row indices; its whole state is (epoch, position).
 
     Epoch ``e`` uses the permutation drawn from ``seed`` and ``e``, so a stream restored
-    from its state continues with exactly the batches it would have produced.
+    from its state continues with exactly the batches it would have produced. With ``lengths``
+    ((size,) tokens per row), each epoch's batches hold rows of similar length
+    (``metalm.data.length_grouping.length_grouped_order``, ``pool`` batches per sorted pool).
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int = 0, position: int = 0):
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int = 0, position: int = 0,
+                 lengths: Sequence[int] | None = None, pool: int | None = None):
         if size < 1:
             raise ValueError("cannot stream an empty dataset")
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"lengths has {len(lengths)} rows for a stream of {size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.lengths, self.pool = (None if lengths is None else np.asarray(lengths)), pool
         self.epoch, self.position = epoch, position
         self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.size)
+        if self.lengths is None:
+            return order
+        from metalm.data.length_grouping import POOL_BATCHES, length_grouped_order
+
+        return length_grouped_order(order, self.lengths, batch_size=self.batch_size, rng=rng,
+                                    pool=self.pool or POOL_BATCHES)
 
     def next_indices(self) -> list[int]:
         """The next batch; the last batch of an epoch may be smaller."""

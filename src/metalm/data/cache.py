@@ -35,7 +35,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 def cached_columns(key_parts: dict[str, Any], build: Callable[[], dict[str, list]],
                    cache_dir: str | Path | None) -> dict[str, list]:
-    """The columns ``build()`` returns, read from the cache when present.
+    """The columns ``build()`` returns, read from the cache when present (ragged columns then as
+    ``metalm.data.columns.RaggedColumn``: a sequence whose rows are Python lists, as ``build()``'s).
 
     Args:
         key_parts: JSON-serialisable description of everything the result depends on.
@@ -50,7 +51,12 @@ def cached_columns(key_parts: dict[str, Any], build: Callable[[], dict[str, list
     cache_dir = Path(cache_dir)
     folder = cache_dir / cache_key(key_parts)
     if (folder / DONE).exists():
-        return datasets.load_from_disk(str(folder)).to_dict()
+        from metalm.data.columns import arrow_columns
+
+        dataset = datasets.load_from_disk(str(folder))
+        if dataset._indices is not None:  # never written so; keep the rows' order if it ever is
+            dataset = dataset.flatten_indices()
+        return arrow_columns(dataset.data.table)  # ragged columns stay Arrow-backed (RaggedColumn)
     columns = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))

@@ -15,10 +15,12 @@ import json
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from metalm.data.batching import Batch
 from metalm.data.cache import cached_columns
+from metalm.data.columns import row_lengths
 from metalm.data.corpus import corpus_sentences
 from metalm.data.tokenize import IGNORE_INDEX
 from metalm.objectives.detection import delete_tokens, insert_tokens
@@ -110,6 +112,16 @@ class ObjectiveTask:
 
     def size(self, split: str = "train") -> int:
         return len(self.rows[split])
+
+    def lengths(self, split: str = "train") -> np.ndarray:
+        """(rows,) tokens of every row's sequence with special tokens, before corruption (for
+        length-grouped batches; pair objectives: the sentence and its next one)."""
+        pieces = row_lengths(self.splits[split]["ids"])  # (sentences,)
+        rows = np.asarray(self.rows[split], dtype=np.int64)
+        if self.spec.objective in PAIRED:
+            nexts = np.asarray(self.splits[split]["next"], dtype=np.int64)[rows]
+            return np.minimum(pieces[rows] + pieces[nexts] + 3, self.max_length)
+        return np.minimum(pieces[rows], self.max_length - 2) + 2
 
     def batch(self, split: str, indices: Sequence[int]) -> Batch:
         """The corrupted batch and its labels for rows ``indices`` of ``split``."""

@@ -34,11 +34,16 @@ class LoopResult:
     evaluations: list[dict] = field(default_factory=list)
 
 
-def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int) -> dict[str, BatchStream]:
-    """One seeded stream per task over its training split (seed offset by task order)."""
+def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int,
+                 group_by_length: bool = False) -> dict[str, BatchStream]:
+    """One seeded stream per task over its training split (seed offset by task order); with
+    ``group_by_length``, length-grouped batches for every task that has ``lengths(split)``."""
     sizes = batch_size if isinstance(batch_size, Mapping) else {n: batch_size for n in tasks}
-    return {name: BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i)
-            for i, (name, task) in enumerate(tasks.items())}
+    streams = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        lengths = task.lengths("train") if group_by_length and hasattr(task, "lengths") else None
+        streams[name] = BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i, lengths=lengths)
+    return streams
 
 
 def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: Algorithm, sampler: Sampler,
@@ -47,7 +52,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
                eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
                progress: bool = True, on_step: Callable[[int], None] | None = None,
-               tensorboard: bool = True, precision: str = "fp32") -> LoopResult:
+               tensorboard: bool = True, precision: str = "fp32",
+               group_by_length: bool = False) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -57,8 +63,9 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         on_step: called with the step number after each step (tests use it to simulate a kill).
         precision: ``fp32`` or ``bf16`` (autocast for the algorithm's step, meta-tests and evaluation;
             ``metalm.train.precision``).
+        group_by_length: batches of rows of similar length (``BatchStream`` with ``lengths``), less padding.
     """
-    streams = make_streams(tasks, batch_size=batch_size, seed=seed)
+    streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
     start = 0
