@@ -50,6 +50,12 @@ def load_once(cfg: dict) -> dict:
                      splits=[cfg["split"]])
     seconds = time.perf_counter() - start
     columns = task.splits[cfg["split"]]
+    # One epoch of padded batches of 32, as training reads them (after the timed load).
+    n = len(columns["input_ids"])
+    start = time.perf_counter()
+    for lo in range(0, n, 32):
+        task.batch(cfg["split"], range(lo, min(n, lo + 32)))
+    epoch = time.perf_counter() - start
     # Every row of every column as plain lists (a cached load holds ragged columns as RaggedColumn,
     # whose rows are made lists on access; the digest reads them all, after the timing).
     start = time.perf_counter()
@@ -58,7 +64,7 @@ def load_once(cfg: dict) -> dict:
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
     tokens = sum(len(ids) for ids in plain["input_ids"])
     return {"seconds": seconds, "examples": len(columns["input_ids"]), "tokens": tokens, "digest": digest,
-            "all_rows_s": access}
+            "all_rows_s": access, "epoch_s": epoch}
 
 
 def data_root(arg: str | None) -> Path:
@@ -101,6 +107,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
              f"- machine: {_measure.machine_line(machine)} (load at start)",
              "- each load is `load_task` alone in a fresh process (imports and tokenizer loading not timed); "
              "cached columns checked identical to the first tokenisation's",
+             f"- afterwards, one epoch of padded batches of 32 (`task.batch`, not timed above): "
+             f"{statistics.median(r['epoch_s'] for r in cached):.3f} s after the cached load, "
+             f"{statistics.median(r['epoch_s'] for r in first):.3f} s after the first (cached ragged columns "
+             "are padded straight from Arrow-backed NumPy arrays)",
              f"- afterwards, every row of every column read as Python lists (not timed above; a cached load "
              f"keeps ragged columns in Arrow and makes a row a list when it is read): "
              f"{statistics.median(r['all_rows_s'] for r in cached):.3f} s after the cached load, "
@@ -111,6 +121,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "json": {"command": command, "cwd": os.getcwd(), "machine": machine, "settings": base | {"repeats": args.repeats},
                      "first_s": [r["seconds"] for r in first], "cached_s": [r["seconds"] for r in cached],
                      "all_rows_s": {"first": [r["all_rows_s"] for r in first], "cached": [r["all_rows_s"] for r in cached]},
+                     "epoch_s": {"first": [r["epoch_s"] for r in first], "cached": [r["epoch_s"] for r in cached]},
                      "examples": n, "tokens": tokens, "speedup": speedup, "wall_time_s": wall, "targets": checks}}
 
 

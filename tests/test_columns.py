@@ -79,3 +79,33 @@ def test_cached_columns_read_back_as_built(tmp_path: Path):
     assert len(built) == 1 and isinstance(again["input_ids"], RaggedColumn)
     assert again == first and first == again
     assert again["tags"][3][:2] == [0, 1]
+
+
+def test_collate_pads_arrow_backed_rows_exactly_as_lists():
+    """``collate`` on RaggedColumns (NumPy padding, no Python lists) equals ``collate`` on lists."""
+    import torch
+
+    from metalm.data.batching import collate
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 500, size=int(n)).tolist() for n in rng.integers(1, 30, size=200)]
+    tags = [rng.integers(0, 5, size=len(r)).tolist() for r in rows]
+
+    def ragged(lists):
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in lists])])
+        return RaggedColumn(np.concatenate([np.asarray(r, dtype=np.int32) for r in lists]), offsets)
+
+    column = ragged(rows)
+    assert column[7] == rows[7] and column[-1] == rows[-1] and column._flat is None  # no bulk conversion
+    for labels in (tags, rng.integers(0, 3, size=200).tolist()):  # per token, per sentence
+        as_lists = {"input_ids": rows, "token_type_ids": [[0] * len(r) for r in rows], "labels": labels}
+        as_arrow = {"input_ids": column, "token_type_ids": ragged(as_lists["token_type_ids"]),
+                    "labels": ragged(labels) if isinstance(labels[0], list) else labels}
+        for indices in ([3], [0, 5, 9, 199], list(rng.permutation(200)[:32])):
+            a, b = collate(as_lists, indices, pad_id=0), collate(as_arrow, indices, pad_id=0)
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype == torch.long and torch.equal(a[key], b[key]), key
+    longest = max(len(rows[i]) for i in (0, 5, 9))
+    assert collate({"input_ids": column, "labels": tags}, [0, 5, 9], pad_id=0)["attention_mask"].sum(1).tolist() == \
+        [len(rows[i]) for i in (0, 5, 9)] and longest > 0

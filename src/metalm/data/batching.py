@@ -12,28 +12,41 @@ from metalm.data.tokenize import IGNORE_INDEX
 Batch = dict[str, torch.Tensor]
 
 
-def collate(columns: Mapping[str, list], indices: Sequence[int], *, pad_id: int) -> Batch:
+def collate(columns: Mapping[str, Sequence], indices: Sequence[int], *, pad_id: int) -> Batch:
     """Pads the selected rows to the longest of them.
+
+    Columns are lists of rows, or ``RaggedColumn``s (cached, Arrow-backed), whose rows are padded
+    in NumPy without becoming Python lists.
 
     Returns:
         ``input_ids`` (B, T), ``attention_mask`` (B, T), ``token_type_ids`` (B, T) when the
         tokenizer has them, and ``labels``: (B,) per sentence or (B, T) per token.
     """
-    ids = [columns["input_ids"][i] for i in indices]
-    longest = max(len(x) for x in ids)
+    ids, lengths = _padded(columns["input_ids"], indices, pad_id)  # (B, T), (B,)
+    longest = ids.shape[1]
     batch = {
-        "input_ids": torch.tensor([x + [pad_id] * (longest - len(x)) for x in ids]),  # (B, T)
-        "attention_mask": torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids]),  # (B, T)
+        "input_ids": torch.as_tensor(ids, dtype=torch.long),  # (B, T)
+        "attention_mask": (torch.arange(longest)[None, :] < torch.as_tensor(lengths)[:, None]).long(),  # (B, T)
     }
     if "token_type_ids" in columns:
-        types = [columns["token_type_ids"][i] for i in indices]
-        batch["token_type_ids"] = torch.tensor([t + [0] * (longest - len(t)) for t in types])  # (B, T)
-    labels = [columns["labels"][i] for i in indices]
-    if isinstance(labels[0], list):
-        batch["labels"] = torch.tensor([y + [IGNORE_INDEX] * (longest - len(y)) for y in labels])  # (B, T)
+        batch["token_type_ids"] = torch.as_tensor(_padded(columns["token_type_ids"], indices, 0)[0],
+                                                  dtype=torch.long)  # (B, T)
+    labels = columns["labels"]
+    if hasattr(labels, "padded") or isinstance(labels[indices[0]], list):
+        batch["labels"] = torch.as_tensor(_padded(labels, indices, IGNORE_INDEX)[0], dtype=torch.long)  # (B, T)
     else:
-        batch["labels"] = torch.tensor(labels)  # (B,)
+        batch["labels"] = torch.tensor([labels[i] for i in indices])  # (B,)
     return batch
+
+
+def _padded(column: Sequence, indices: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) rows padded with ``pad`` to the longest, and (B,) lengths, from a list or ``RaggedColumn``."""
+    if hasattr(column, "padded"):
+        return column.padded(indices, pad)
+    rows = [column[i] for i in indices]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    longest = int(lengths.max())
+    return np.array([r + [pad] * (longest - len(r)) for r in rows], dtype=np.int64), lengths
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -4,9 +4,9 @@ A cached split is a handful of columns: ragged ones (``input_ids``, token labels
 ints per row) and flat ones (sentence labels, ``next``). ``Dataset.to_dict()`` turned every row of
 every ragged column into a Python list on load (0.5 s of SST-2's 67k sentences, half the cached
 load). Here a ragged column stays two NumPy arrays over the memory-mapped Arrow buffers (all
-values, and each row's offsets) behind ``RaggedColumn``, which turns them into Python lists (in
-one bulk ``tolist``) only when a row is first read and hands out rows as list slices; flat numeric
-columns become Python lists through NumPy (fast).
+values, and each row's offsets) behind ``RaggedColumn``: ``collate`` pads a batch's rows straight
+from them (``padded``), a single row read is a small slice made a list, and only iterating the
+whole column converts it in bulk. Flat numeric columns become Python lists through NumPy (fast).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class RaggedColumn(Sequence):
         if offsets.ndim != 1 or len(offsets) < 1:
             raise ValueError("offsets must be a non-empty 1-d array")
         self.values, self.offsets = values, offsets
-        self._flat: list | None = None  # values and offsets as Python lists, made on the first row read
+        self._flat: list | None = None  # values and offsets as Python lists, made when the column is iterated
         self._bounds: list[int] | None = None
 
     def __len__(self) -> int:
@@ -44,12 +44,28 @@ class RaggedColumn(Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"row {index} out of range for a column of {n} rows")
-        flat, bounds = self._lists()
-        return flat[bounds[i]:bounds[i + 1]]
+        if self._flat is not None:  # the whole column was already made lists (iteration)
+            return self._flat[self._bounds[i]:self._bounds[i + 1]]
+        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def padded(self, indices: Sequence[int], pad: int | float) -> tuple[np.ndarray, np.ndarray]:
+        """The rows ``indices`` padded with ``pad`` to the longest of them, in NumPy (no Python lists).
+
+        Returns:
+            (B, T) the padded rows, and (B,) their lengths.
+        """
+        rows = np.asarray(indices, dtype=np.int64)  # (B,)
+        starts = self.offsets[rows]  # (B,)
+        lengths = self.offsets[rows + 1] - starts  # (B,)
+        longest = int(lengths.max()) if len(rows) else 0
+        out = np.full((len(rows), longest), pad, dtype=self.values.dtype)  # (B, T)
+        inside = np.arange(longest)[None, :] < lengths[:, None]  # (B, T)
+        out[inside] = self.values[(starts[:, None] + np.arange(longest)[None, :])[inside]]
+        return out, lengths
 
     def _lists(self) -> tuple[list, list[int]]:
-        """Values and offsets as Python lists: one bulk conversion on the first row read, after which a
-        row is a list slice (a NumPy slice + ``tolist`` per row was ~2x slower over a whole column)."""
+        """Values and offsets as Python lists, for reading the whole column (one bulk conversion; a
+        NumPy slice + ``tolist`` per row was ~2x slower over a whole column)."""
         if self._flat is None:
             self._flat, self._bounds = self.values.tolist(), self.offsets.tolist()
         return self._flat, self._bounds
