@@ -70,6 +70,7 @@ def run_config(cfg: dict) -> dict:
 
     from metalm.learn.algorithms import Episode, build_algorithm
     from metalm.train.optim import build_optimizer
+    from metalm.train.precision import autocast
 
     model, device = _measure.build_model(encoder=cfg["encoder"], device=cfg["device"], seed=cfg["seed"],
                                          threads=cfg.get("threads"), task=TASK)
@@ -87,8 +88,6 @@ def run_config(cfg: dict) -> dict:
     # multitask: k=0, no support batches; the query is the same batch 0 for every method
     episode = Episode(task=TASK, support=tuple(batches[1:1 + k]), query=batches[0])
     optimizer = build_optimizer(model, lr=cfg["lr"])
-
-    from metalm.train.precision import autocast
 
     def step() -> None:
         with autocast(device, cfg.get("precision", "fp32")):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Params = dict[str, Tensor]
+from metalm.learn.functional import Params
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
