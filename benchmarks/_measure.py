@@ -373,6 +373,11 @@ def time_in_rounds(ctx, fn: Callable[[dict], dict], cfgs: list[dict], rounds: in
             for res, t in zip(results, times)]
 
 
+def fmt(x, spec: str) -> str:
+    """``x`` formatted with ``spec``, or a dash for a missing value (table cells)."""
+    return "–" if x is None else format(x, spec)
+
+
 def add_common_args(p, *, model: bool = True) -> None:
     """The options every benchmark script shares: --quick, --json and (``model``) the model's."""
     p.add_argument("--quick", action="store_true", help="a small, fast run (a smoke test)")

@@ -173,10 +173,6 @@ def run_config(cfg: dict) -> dict:
 # The driver
 # ----------------------------------------------------------------------------------------------
 
-def _fmt(x, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| implementation | k | meta-gradient = metalm | step time (s) | × faster peer | peak MB | × smaller peer peak |",
              "|---|---:|---|---:|---:|---:|---:|"]
@@ -186,8 +182,8 @@ def table(rows: list[dict]) -> str:
             continue
         check = r["check"]
         equal = f"{'yes' if check['equal'] else 'NO'} (max |Δ| {check['max_abs_diff']:.1e})"
-        lines.append(f"| {r['impl']} | {r['k']} | {equal} | {r['step_time_s']:.3f} | {_fmt(r['x_faster_peer'], '.2f')} | "
-                     f"{r['peak_mb']:.1f} | {_fmt(r['x_smaller_peer_peak'], '.2f')} |")
+        lines.append(f"| {r['impl']} | {r['k']} | {equal} | {r['step_time_s']:.3f} | {_measure.fmt(r['x_faster_peer'], '.2f')} | "
+                     f"{r['peak_mb']:.1f} | {_measure.fmt(r['x_smaller_peer_peak'], '.2f')} |")
     return "\n".join(lines)
 
 

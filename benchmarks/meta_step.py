@@ -133,16 +133,12 @@ def add_ratios(rows: list[dict]) -> None:
         r["x_k1_peak"] = r["peak_mb"] / base if base and base > 0 else None
 
 
-def _fmt(x, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| method | k | step time (s) | × multitask | × (k+1) plain | peak MB | × k=1 peak |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {_fmt(r['k'], 'd')} | {r['step_time_s']:.3f} | {r['x_multitask']:.2f} | "
-                     f"{_fmt(r['x_k_plus_1_plain'], '.2f')} | {r['peak_mb']:.1f} | {_fmt(r['x_k1_peak'], '.2f')} |")
+        lines.append(f"| {r['method']} | {_measure.fmt(r['k'], 'd')} | {r['step_time_s']:.3f} | {r['x_multitask']:.2f} | "
+                     f"{_measure.fmt(r['x_k_plus_1_plain'], '.2f')} | {r['peak_mb']:.1f} | {_measure.fmt(r['x_k1_peak'], '.2f')} |")
     return "\n".join(lines)
 
 

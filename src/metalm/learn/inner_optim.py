@@ -10,7 +10,7 @@ steps; every update is built from tensor operations on the gradients, so with
 
 with ε_root = 0 exactly torch's update. ``sqrt`` has an infinite derivative at 0, so a
 coordinate whose gradient is exactly zero (a padding embedding row) would give 0·∞ = NaN in a
-second-order meta-gradient; ``eps_root`` > 0 (the default for second order, as in torchopt)
+second-order meta-gradient; ``eps_root`` > 0 (1e-16, the default for second order)
 keeps it finite. A parameter no loss reaches is skipped, as torch.optim skips ``grad is None``.
 """
 
