@@ -13,10 +13,10 @@ import io
 import json
 import math
 import re
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import metalm.experiments.runner as runner
 from metalm.cli import main
@@ -128,14 +128,51 @@ def test_experiment_rerun_resumes_without_training(experiment, cache, data_root,
 
     for name in ("run_train", "run_finetune", "build_model"):
         monkeypatch.setattr(runner, name, forbidden)
-    start = time.perf_counter()
     code, stdout = _run(_experiment_argv(out, cache, data_root))
-    elapsed = time.perf_counter() - start
     assert code == 0
     assert {p: p.stat().st_mtime_ns for p in watched} == stamps
-    assert elapsed < 15  # only reads JSON and redraws the table and plot (~0.5 s)
     assert (out / "results.md").read_text() in stdout
     assert "50.0 ± 3.8" in stdout
+
+
+def _target_finetune_config(tmp_path: Path, cache: Path, data_root: Path, target_finetune: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32},
+        "data": {"root": str(data_root), "cache_dir": str(cache)}, "targets": ["rte", "mrpc"],
+        "fractions": [0.02], "seeds": [0], "methods": [{"name": "encoder only"}],
+        "finetune": {"epochs": 1, "batch_size": 8, "eval_each_epoch": False, "optim": {"lr": 3.0e-5}},
+        "target_finetune": target_finetune}))
+    return path
+
+
+def test_target_finetune_changes_only_its_target(tmp_path, cache, data_root):
+    config = _target_finetune_config(tmp_path, cache, data_root, {"mrpc": {"min_steps": 25, "optim": {"lr": 1.0e-4}}})
+    code, stdout = _run(["experiment", str(config)])
+    assert code == 0
+    assert "mrpc: min_steps 25, optim.lr 0.0001" in stdout  # the table's note says what differs
+    runs = tmp_path / "out" / "results" / "encoder-only"
+    for target, steps, lr in (("rte", 7, 3e-5), ("mrpc", 25, 1e-4)):  # 2% of RTE: 50 rows, 7 batches of 8
+        result = json.loads((runs / target / "fraction-0.02" / "seed-0.json").read_text())
+        assert result["settings"]["finetune"]["optim"]["lr"] == lr
+        assert result["settings"]["finetune"]["epochs"] == 1  # the rest of `finetune` carries over
+        log = [json.loads(line) for line in (runs / target / "fraction-0.02" / "seed-0" / "metrics.jsonl")
+               .read_text().splitlines()]
+        assert max(e["step"] for e in log if e["event"] == "train") == steps
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"cola": {"min_steps": 5}}, "target_finetune.cola: not one of the targets ['rte', 'mrpc']"),
+    ({"rte": {"min_step": 5}}, "target_finetune.rte: unknown key 'min_step'"),
+    ({"rte": {"optim": {"lr": "fast"}}}, "target_finetune.rte.optim.lr: expected a number"),
+    ({"rte": {"min_steps": 10, "max_steps": 5}},
+     "target_finetune.rte.max_steps (5) is below target_finetune.rte.min_steps (10)"),
+])
+def test_target_finetune_errors_name_the_key_before_any_training(tmp_path, cache, data_root, capsys, changes,
+                                                                 message):
+    assert main(["experiment", str(_target_finetune_config(tmp_path, cache, data_root, changes))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- metalm train, then metalm evaluate --------------------------------------------------------------
@@ -189,7 +226,31 @@ def test_train_then_evaluate(tmp_path, cache, data_root, capsys):
     assert "no head for task cola" in capsys.readouterr().err
 
 
+def test_train_without_evaluation_scores_nothing(tmp_path, cache, data_root):
+    # An experiment's training stage skips the dev scoring of its tasks (train.evaluate=false).
+    run = tmp_path / "train"
+    code, _ = _run(["train", "train_glue", "encoder.name=tiny", "train.steps=2", "train.batch_size=4",
+                    "train.tasks=[rte,mrpc]", "train.evaluate=false", "train.log_every=1",
+                    f"output_dir={run}", f"data.cache_dir={cache}", f"data.root={data_root}"])
+    assert code == 0
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2]
+    assert not [e for e in events if e["event"] == "eval"]
+
+
 # --- metalm finetune ------------------------------------------------------------------------------
+
+
+def test_finetune_max_steps_stops_part_way_through_the_epoch(tmp_path, cache, data_root):
+    out = tmp_path / "ft"
+    code, _ = _run(["finetune", "finetune_rte", "encoder.name=tiny", "finetune.epochs=1", "finetune.max_steps=5",
+                    "finetune.eval_each_epoch=false", f"output_dir={out}", f"data.cache_dir={cache}",
+                    f"data.root={data_root}"])  # 10% of RTE: 249 rows, 16 batches of 16
+    assert code == 0
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["event"] == "train"] == [5]
+    assert [e["step"] for e in log if e["event"] == "eval"] == [5]
+
 
 def test_finetune_per_class(tmp_path, cache, data_root):
     out = tmp_path / "ft"

@@ -141,6 +141,29 @@ def test_evaluate_token_classification_and_regression(tasks):
     assert tasks["rte"].size("dev") == 277 and correct == pytest.approx(round(correct), abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["stsb", "wnut16"])
+def test_predictions_come_back_in_file_order(tasks, name):
+    # predict_split scores rows shortest first; an independent pass, one row at a time in file
+    # order, gives the same prediction for each of the first 60 rows.
+    from metalm.tasks.kinds import predict
+    from metalm.tasks.task import gather_tokens
+    from metalm.train.evaluate import predict_split
+
+    model, task = _model(seed=0, tasks=tasks), tasks[name]
+    assert len(set(task.lengths("dev")[:60].tolist())) > 5  # rows of many lengths: sorting reorders them
+    preds, refs, _ = predict_split(model, task, "dev", batch_size=8)
+    assert len(preds) == len(refs) == task.size("dev")
+    with torch.no_grad():
+        for i in range(60):
+            batch = task.batch("dev", [i])
+            p, y = predict(task.kind, model(name, batch)).numpy(), batch["labels"].numpy()
+            if task.kind == "token_classification":
+                (p,), (y,) = gather_tokens(p, y)
+                assert preds[i] == p and refs[i] == y
+            else:
+                assert preds[i] == pytest.approx(p[0].item(), abs=1e-5) and refs[i] == y[0].item()
+
+
 # --- (d) output shapes -------------------------------------------------------------------------------
 
 def test_output_shapes(tasks):

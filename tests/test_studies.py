@@ -25,6 +25,7 @@ def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
     data.update(output_dir=str(out), seeds=[0], encoder={"name": "tiny", "max_length": 32},
                 data={"root": str(data_root), "cache_dir": str(cache)})
     data["finetune"] = {**data["finetune"], "epochs": 1 if study != "lv" else 2, "min_steps": 0}
+    data["target_finetune"] = {t: {**c, "min_steps": 0} for t, c in data.get("target_finetune", {}).items()}
     # Small fine-tuning sets; two fractions where the study sweeps them (one example per class at 0.001).
     data["fractions"] = [0.001, 0.01] if len(data["fractions"]) > 1 else [0.02]
     for method in data["methods"]:

@@ -18,7 +18,7 @@ import torch
 
 from metalm.builders import (add_heads, build_model, build_objectives, build_optimization, build_sampler, build_tasks,
                              resolve_device)
-from metalm.config import check_same_settings, to_dict
+from metalm.config import ConfigError, check_same_settings, to_dict
 from metalm.learn.algorithms import algorithm_settings, build_algorithm
 from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
@@ -29,7 +29,7 @@ from metalm.train.loop import train_loop
 
 # Settings that may differ when a run is resumed: where things are, and how often to log.
 RESUME_MAY_CHANGE = ("output_dir", "device", "data.root", "data.glue", "data.cache_dir", "train.log_every",
-                     "train.checkpoint_every", "train.eval_every")
+                     "train.checkpoint_every", "train.eval_every", "train.evaluate")
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +69,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     seed_everything(cfg.seed)
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
-                  if all(s in task.splits for s in task.spec.eval_splits)}
+                  if settings.evaluate and all(s in task.splits for s in task.spec.eval_splits)}
     algorithm = build_algorithm(settings.algorithm, **algorithm_settings(settings.algorithm, {
         "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
         "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
@@ -106,6 +106,12 @@ class FinetuneResult:
     train_size: int
 
 
+def check_step_bounds(settings, where: str = "finetune") -> None:
+    if settings.max_steps and settings.max_steps < settings.min_steps:
+        raise ConfigError(f"{where}.max_steps ({settings.max_steps}) is below {where}.min_steps "
+                          f"({settings.min_steps})")
+
+
 def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: bool = True,
                  initial: tuple | None = None) -> FinetuneResult:
     """Fine-tunes on ``cfg.task`` (subsampled by ``fraction`` or ``per_class``) and scores each epoch.
@@ -132,7 +138,10 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     add_heads(model, {spec.name: task}, seed=cfg.seed)
     model.to(resolve_device(cfg.device))
     steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
+    check_step_bounds(settings)
     steps = max(steps_per_epoch * settings.epochs, settings.min_steps)
+    if settings.max_steps:
+        steps = min(steps, settings.max_steps)
     # With min_steps, an "epoch" of the curve is the same fraction of the run as without it.
     eval_every = math.ceil(steps / settings.epochs) if settings.eval_each_epoch else steps
     optimizer, scheduler = build_optimization(model, settings.optim, steps=steps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from metalm.tasks.spec import TaskSpec
 
@@ -173,6 +173,9 @@ class TrainSettings:
     """Checkpoint every this many steps (0: only at the end)."""
     eval_every: int = 0
     """Evaluate every task's dev split every this many steps (0: at the end only)."""
+    evaluate: bool = True
+    """Score the tasks' dev splits at all (false: skip it, e.g. in an experiment's training stage,
+    whose model is scored on the targets after fine-tuning)."""
     group_by_length: bool = False
     """Batch rows of similar length together (pools of 50 batches sorted by length, batches shuffled):
     less padding, so more tokens/s on corpora of mixed sentence lengths."""
@@ -184,6 +187,8 @@ class FinetuneSettings:
     """Passes over the (subsampled) training split."""
     min_steps: int = 0
     """At least this many optimiser steps (more epochs for tiny low-resource subsets)."""
+    max_steps: int = 0
+    """At most this many optimiser steps (0: no cap); a large training set is then seen only in part."""
     eval_each_epoch: bool = True
     """Score the eval splits after every epoch (the per-epoch curves); false: only at the end."""
     batch_size: int = 16
@@ -257,6 +262,8 @@ class ExperimentConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    target_finetune: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Target -> changes to `finetune` for that target only, e.g. `{cola: {min_steps: 300}}`."""
     stage_seed: int = 0
     """Seed of the methods' training stages (fine-tuning uses `seeds`)."""
     device: str = "auto"

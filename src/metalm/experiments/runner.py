@@ -11,11 +11,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from metalm.builders import build_model
-from metalm.config import check_same_settings, to_dict
+from metalm.config import ConfigError, check_same_settings, parse, to_dict
 from metalm.experiments.report import write_reports
 from metalm.experiments.sampler_plots import plot_sampler_histories
-from metalm.recipes import run_finetune, run_train
-from metalm.schema import ExperimentConfig, FinetuneConfig, MethodConfig, TrainConfig
+from metalm.recipes import check_step_bounds, run_finetune, run_train
+from metalm.schema import ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
@@ -33,11 +33,33 @@ def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) 
     return str(run_train(train_cfg, resume=True, progress=progress))
 
 
-def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec) -> dict:
+def target_finetune(cfg: ExperimentConfig, specs) -> dict[str, FinetuneSettings]:
+    """Each target's fine-tuning settings: `finetune` with the target's `target_finetune` changes."""
+    names = [s.name for s in specs]
+    unknown = sorted(set(cfg.target_finetune) - set(names))
+    if unknown:
+        raise ConfigError(f"target_finetune.{unknown[0]}: not one of the targets {names}")
+    settings = {name: parse(FinetuneSettings, _merge(to_dict(cfg.finetune), cfg.target_finetune[name]),
+                            where=f"target_finetune.{name}") if name in cfg.target_finetune else cfg.finetune
+                for name in names}
+    check_step_bounds(cfg.finetune)
+    for name in cfg.target_finetune:
+        check_step_bounds(settings[name], where=f"target_finetune.{name}")
+    return settings
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: FinetuneSettings) -> dict:
     """What a fine-tune result depends on besides target, fraction and seed (checked on resume)."""
     precision = {} if cfg.precision == "fp32" else {"precision": cfg.precision}  # older results have no key
     return json.loads(json.dumps({"method": to_dict(method), "encoder": to_dict(cfg.encoder),
-                                  "finetune": to_dict(cfg.finetune), "stage_seed": cfg.stage_seed,
+                                  "finetune": to_dict(finetune), "stage_seed": cfg.stage_seed,
                                   "source": cfg.data.source, "target": to_dict(spec), **precision}))
 
 
@@ -47,10 +69,11 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
+    specs = [get_task_spec(t) for t in cfg.targets]
+    finetune = target_finetune(cfg, specs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
-    specs = [get_task_spec(t) for t in cfg.targets]
     jobs = [(m, s, f, seed) for m in cfg.methods for s in specs for f in cfg.fractions for seed in cfg.seeds]
     rows: list[dict] = []
     curves: list[dict] = []
@@ -60,7 +83,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     for method, spec, fraction, seed in bar:
         bar.set_postfix_str(f"{method.name} / {spec.name} @{fraction:g} seed {seed}")
         path = out / "results" / _slug(method.name) / spec.name / f"fraction-{fraction:g}" / f"seed-{seed}.json"
-        settings = run_settings(cfg, method, spec)
+        settings = run_settings(cfg, method, spec, finetune[spec.name])
         if path.exists():
             result = json.loads(path.read_text())
             check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
@@ -68,7 +91,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
             if method.name not in inits:
                 inits[method.name] = method_init(cfg, method, progress=progress)
                 models = {method.name: build_model(cfg.encoder, seed=cfg.stage_seed, init=inits[method.name])}
-            ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=cfg.finetune,
+            ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=finetune[spec.name],
                                     init=inits[method.name], fraction=fraction, seed=seed, device=cfg.device,
                                     precision=cfg.precision,
                                     output_dir=str(path.with_suffix("")))
@@ -84,6 +107,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     bar.close()
     headline = {s.name: ((cfg.finetune.eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
+    if cfg.finetune.min_steps:
+        note += f", at least {cfg.finetune.min_steps} steps"
+    for name, changes in cfg.target_finetune.items():
+        note += f"; {name}: " + ", ".join(f"{k} {v}" for k, v in _flat(changes))
     if cfg.notes:
         note += "\n\n" + cfg.notes.strip()
     paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves)
@@ -92,6 +119,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
                     and m.train.sampler.meta_lr == 0), None)
     paths.update(plot_sampler_histories(out, uniform=uniform))
     return rows, paths
+
+
+def _flat(changes: dict, prefix: str = ""):
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _slug(name: str) -> str:

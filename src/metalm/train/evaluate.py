@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from metalm.data.batching import to_device
@@ -11,27 +12,40 @@ from metalm.tasks.task import Task, gather_tokens
 
 @torch.no_grad()
 def predict_split(model, task: Task, split: str, *, batch_size: int = 64) -> tuple[list, list, float]:
-    """(predictions, references, mean loss) over a split, in file order."""
+    """(predictions, references, mean loss) over a split, in file order.
+
+    Rows are scored in batches of similar length (shortest first) when the task knows its row
+    lengths, so that little of each batch is padding; the results go back to file order.
+    """
     was_training = model.training
     model.eval()
-    preds, refs, loss_sum = [], [], 0.0
-    device = next(model.parameters()).device
     n = task.size(split)
+    order = _length_order(task, split, n)
+    preds, refs = [None] * n, [None] * n
+    loss_sum = 0.0
+    device = next(model.parameters()).device
     for start in range(0, n, batch_size):
-        batch = to_device(task.batch(split, range(start, min(n, start + batch_size))), device)
+        rows = order[start:start + batch_size]
+        batch = to_device(task.batch(split, rows), device)
         logits = model(task.name, batch).float()  # bfloat16 under autocast: score in float32
-        loss_sum += task_loss(task.kind, logits, batch["labels"]).item() * len(batch["input_ids"])
+        loss_sum += task_loss(task.kind, logits, batch["labels"]).item() * len(rows)
         p = predict(task.kind, logits).cpu().numpy()
         y = batch["labels"].cpu().numpy()
         if task.kind == "token_classification":
-            p_seq, y_seq = gather_tokens(p, y)
-            preds.extend(p_seq)
-            refs.extend(y_seq)
+            p, y = gather_tokens(p, y)
         else:
-            preds.extend(p.tolist())
-            refs.extend(y.tolist())
+            p, y = p.tolist(), y.tolist()
+        for row, p_row, y_row in zip(rows, p, y):
+            preds[row], refs[row] = p_row, y_row
     model.train(was_training)
     return preds, refs, loss_sum / max(n, 1)
+
+
+def _length_order(task: Task, split: str, n: int) -> list[int]:
+    """Row indices sorted by token count (stable), or file order for tasks without lengths."""
+    if not hasattr(task, "lengths"):
+        return list(range(n))
+    return np.argsort(np.asarray(task.lengths(split)), kind="stable").tolist()
 
 
 def evaluate(model, task: Task, split: str, *, batch_size: int = 64) -> dict[str, float]:
