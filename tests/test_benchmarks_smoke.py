@@ -42,7 +42,7 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     out = tmp_path / "all.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only",
-                           "maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead", "--json", str(out)],
+                           "maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "## targets" in proc.stdout
@@ -59,6 +59,10 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
             assert f"| {key[0]} | {key[1]} | not installed" in proc.stdout
         else:
             assert row["check"]["equal"] is True and positive(row["step_time_s"]) and positive(row["peak_mb"]), key
+
+    order = result["eval_order"]
+    assert [r["task"] for r in order["tasks"]] == ["rte", "stsb"] and positive(order["ratio"])
+    assert all(r["max_metric_diff"] < 1e-5 for r in order["tasks"])  # the same scores in either order
 
     data = result["data_pipeline"]
     assert data["examples"] == 872 and positive(data["speedup"]) and all(map(positive, data["first_s"] + data["cached_s"]))

@@ -11,7 +11,8 @@ import yaml
 from metalm import cli
 from metalm.config import read_yaml
 
-STUDIES = ["dou", "dou_distributions", "dou_hyper", "dou_transfer", "xue", "lv", "mometas"]
+STUDIES = ["dou", "dou_distributions", "dou_hyper", "dou_transfer", "xue", "lv", "mometas",
+           "dou_paper", "xue_paper", "lv_paper"]
 
 
 @pytest.fixture(scope="module")
