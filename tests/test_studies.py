@@ -51,6 +51,8 @@ def test_study_runs_end_to_end(study, tmp_path, data_root, shared_cache, capsys)
         assert f"| {method['name']} |" in printed  # every method has its row
     if spec.get("notes"):
         assert spec["notes"].split()[0] in printed  # the study says what stands in for what
+    if spec["finetune"].get("max_steps"):  # the note under the table says how fine-tuning was capped
+        assert f"at most {spec['finetune']['max_steps']} steps" in printed
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
     combos = {(r["method"], r["target"], r["fraction"]) for r in summary}
     assert len(combos) == len(spec["methods"]) * len(spec["targets"]) * len(spec["fractions"])

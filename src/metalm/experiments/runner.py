@@ -109,6 +109,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
     if cfg.finetune.min_steps:
         note += f", at least {cfg.finetune.min_steps} steps"
+    if cfg.finetune.max_steps:
+        note += f", at most {cfg.finetune.max_steps} steps"
     for name, changes in cfg.target_finetune.items():
         note += f"; {name}: " + ", ".join(f"{k} {v}" for k, v in _flat(changes))
     if cfg.notes:
