@@ -12,7 +12,9 @@ from metalm.builders import add_heads, build_model, build_tasks
 from metalm.models.multitask import MultiTaskModel
 from metalm.schema import DataConfig, EncoderConfig
 from metalm.tasks.registry import WNUT_TAGS
-from metalm.train.evaluate import evaluate
+from metalm.tasks.kinds import predict
+from metalm.tasks.task import gather_tokens
+from metalm.train.evaluate import evaluate, predict_split
 
 TASKS = ["rte", "stsb", "wnut16"]
 
@@ -145,10 +147,6 @@ def test_evaluate_token_classification_and_regression(tasks):
 def test_predictions_come_back_in_file_order(tasks, name):
     # predict_split scores rows shortest first; an independent pass, one row at a time in file
     # order, gives the same prediction for each of the first 60 rows.
-    from metalm.tasks.kinds import predict
-    from metalm.tasks.task import gather_tokens
-    from metalm.train.evaluate import predict_split
-
     model, task = _model(seed=0, tasks=tasks), tasks[name]
     assert len(set(task.lengths("dev")[:60].tolist())) > 5  # rows of many lengths: sorting reorders them
     preds, refs, _ = predict_split(model, task, "dev", batch_size=8)

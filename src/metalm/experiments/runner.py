@@ -105,7 +105,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
                 rows.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
                              "split": split, "metric": metric, "value": value, "train_size": result["train_size"]})
     bar.close()
-    headline = {s.name: ((cfg.finetune.eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
+    headline = {s.name: ((finetune[s.name].eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
     if cfg.finetune.min_steps:
         note += f", at least {cfg.finetune.min_steps} steps"
