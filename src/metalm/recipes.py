@@ -69,7 +69,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     seed_everything(cfg.seed)
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
-                  if settings.evaluate and all(s in task.splits for s in task.spec.eval_splits)}
+                  if all(s in task.splits for s in task.spec.eval_splits)} if settings.evaluate else {}
     algorithm = build_algorithm(settings.algorithm, **algorithm_settings(settings.algorithm, {
         "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
         "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
