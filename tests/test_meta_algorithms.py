@@ -161,6 +161,49 @@ def test_reptile_writes_theta_minus_adapted_and_sgd_gives_the_paper_update():
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-10)
 
 
+def test_outer_sgd_from_config_is_the_paper_update_with_no_weight_decay_by_default():
+    """Reptile's meta-step through the loop's builder: SGD's default adds no decay to θ + β·mean(θ_i − θ)."""
+    from metalm.builders import build_optimization
+    from metalm.schema import OptimConfig
+
+    model = tiny_model()
+    beta = 0.7
+    episodes = [make_episode(3, 2), make_episode(4, 2)]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = [dict(hand_adapt(model, e, 0.3).named_parameters()) for e in episodes]
+    optimizer, _ = build_optimization(model, OptimConfig(name="sgd", lr=beta, warmup_ratio=0.0, clip_norm=0.0),
+                                      steps=10)
+    Reptile(inner_lr=0.3, inner_steps=2).step(model, episodes)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name.startswith("heads.u."):
+            continue
+        mean_delta = (adapted[0][name] + adapted[1][name]).detach() / 2 - theta[name]
+        torch.testing.assert_close(p.detach(), theta[name] + beta * mean_delta, rtol=0, atol=1e-10)
+
+    adamw, _ = build_optimization(model, OptimConfig(), steps=10)
+    assert max(group["weight_decay"] for group in adamw.param_groups) == 0.01  # AdamW keeps its default
+
+
+def test_outer_sgd_with_weight_decay_at_a_meta_learning_rate_warns_how_much_it_shrinks(caplog):
+    from metalm.builders import build_optimization
+    from metalm.schema import OptimConfig
+
+    steps = 40
+    kept = math.prod(1 - 1.0 * (steps - t) / steps * 0.01 for t in range(steps))  # linear decay from lr 1
+    assert 0.80 < kept < 0.83
+    with caplog.at_level(logging.WARNING, logger="metalm.builders"):
+        build_optimization(tiny_model(), OptimConfig(name="sgd", lr=1.0, weight_decay=0.01, warmup_ratio=0.0),
+                           steps=steps)
+    assert f"by {kept:.3f} over {steps} steps" in caplog.text and "weight_decay: 0" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metalm.builders"):
+        build_optimization(tiny_model(), OptimConfig(name="sgd", lr=1.0, warmup_ratio=0.0), steps=steps)
+        build_optimization(tiny_model(), OptimConfig(lr=1e-4, weight_decay=0.01), steps=steps)
+    assert caplog.text == ""
+
+
 # (d) the meta-batch ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("first_order", [False, True])

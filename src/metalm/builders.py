@@ -82,11 +82,28 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, b
     return CategoricalSampler(probabilities, seed=seed)
 
 
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
+
+
 def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                                kind=cfg.name)
+    decay = DEFAULT_WEIGHT_DECAY[cfg.name] if cfg.weight_decay is None else cfg.weight_decay
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
+    if cfg.name == "sgd" and decay > 0:
+        kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=cfg.lr, weight_decay=decay, steps=steps)
+        if kept < 0.95:
+            log.warning("optim: SGD at lr %g with weight_decay %g multiplies the weight matrices by %.3f over %d "
+                        "steps from the decay alone (torch's SGD decay is scaled by the learning rate); "
+                        "set optim.weight_decay: 0 unless that is intended", cfg.lr, decay, kept, steps)
     return optimizer, scheduler
+
+
+def weight_decay_shrink(factor, *, lr: float, weight_decay: float, steps: int) -> float:
+    """∏_t (1 − lr·factor(t)·weight_decay): what the decay alone leaves of a weight over ``steps``."""
+    kept = 1.0
+    for step in range(steps):
+        kept *= 1.0 - lr * factor(step) * weight_decay
+    return kept
 
 
 def build_adaptive_sampler(cfg: SamplerConfig, names: Sequence[str], *, seed: int, batch_size: int):

@@ -86,8 +86,10 @@ class SamplerConfig:
 class OptimConfig:
     lr: float = 5e-5
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay (not on biases / LayerNorm)."""
+    weight_decay: float | None = None
+    """Weight decay on weight matrices (not biases / LayerNorm); default 0.01 for AdamW (decoupled),
+    0 for SGD, where it multiplies the weights by (1 − lr·weight_decay) every step: at Reptile's
+    meta learning rate 1, 0.01 alone would shrink them by ~18% in 40 steps."""
     warmup_ratio: float = 0.1
     """Fraction of steps of linear warmup, followed by linear decay to 0."""
     clip_norm: float = 1.0
