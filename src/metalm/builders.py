@@ -82,11 +82,8 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, b
     return CategoricalSampler(probabilities, seed=seed)
 
 
-DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
-
-
 def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
-    decay = DEFAULT_WEIGHT_DECAY[cfg.name] if cfg.weight_decay is None else cfg.weight_decay
+    decay = cfg.weight_decay
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     if cfg.name == "sgd" and decay > 0:

@@ -99,6 +99,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
 
+    def __post_init__(self):
+        # Resolved here, so that a run's stored config.json records the decay it used.
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", {"adamw": 0.01, "sgd": 0.0}.get(self.name, 0.01))
+
 
 @dataclass(frozen=True)
 class CorpusConfig:
