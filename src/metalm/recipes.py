@@ -7,6 +7,7 @@ call them.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -24,6 +25,7 @@ from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
+from metalm.train.evaluate import CONSTANT, evaluate
 from metalm.train.loop import train_loop
 
 
@@ -55,7 +57,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     if not settings.tasks and not settings.objectives:
         raise ValueError("train.tasks and train.objectives are empty: name at least one task or objective")
     model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
-    tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)
+    tasks = build_stage_tasks(settings.tasks, tokenizer, cfg)
+    labelled = dict(tasks)
     for name, objective in build_objectives(settings.objectives, tokenizer, data=cfg.data,
                                             max_length=cfg.encoder.max_length, seed=cfg.seed).items():
         if name in tasks:
@@ -67,6 +70,10 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed, batch_size=settings.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+    read = {name: {"split": "train", **task.training_rows_read()} for name, task in labelled.items()}
+    write_text_atomic(out / STAGE_FILE, json.dumps({"tasks": read, "objectives": {
+        name: {"split": "train", "rows": task.size("train")} for name, task in tasks.items() if name not in labelled}},
+        indent=1))
     seed_everything(cfg.seed)
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
                   if all(s in task.splits for s in task.spec.eval_splits)} if settings.evaluate else {}
@@ -96,14 +103,46 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     return final
 
 
+STAGE_FILE = "stage.json"
+
+
+def build_stage_tasks(refs, tokenizer, cfg: TrainConfig) -> dict:
+    """The run's tasks; those in ``cfg.subsample`` train on their cell's rows only, and only their
+    training split is loaded, so nothing of their dev or test rows reaches the run."""
+    specs = [get_task_spec(ref) for ref in refs]
+    unknown = sorted(set(cfg.subsample) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"subsample.{unknown[0]}: not one of train.tasks {[s.name for s in specs]}")
+    tasks = {}
+    for spec in specs:
+        sub = cfg.subsample.get(spec.name)
+        loaded = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
+                             splits=("train",) if sub else None)
+        if spec.name in tasks:
+            raise ValueError(f"task {spec.name} is listed twice")
+        task = loaded[spec.name]
+        if sub is not None:
+            rows, _ = task.training_rows(seed=sub.seed, fraction=sub.fraction, per_class=sub.per_class,
+                                         validation_fraction=sub.validation_fraction)
+            task = task.restricted(rows)
+        tasks[spec.name] = task
+    return tasks
+
+
 @dataclass(frozen=True)
 class FinetuneResult:
     scores: dict[str, dict[str, float]]
-    """split -> metric -> value, after the last epoch."""
+    """split -> metric -> value, after the last epoch (``select: best``: after the chosen epoch)."""
     curve: list[dict]
     """Evaluations during training: {"epoch": e, "<split>/<metric>": value, ...} (one per epoch, or
     only the last when ``eval_each_epoch`` is off)."""
     train_size: int
+    degenerate: dict[str, bool]
+    """split -> whether every prediction of the reported model on it was the same class or score."""
+    rows_read: dict
+    """Which training rows the run trained on: {rows, of, indices_sha256}."""
+    selected_epoch: float | None = None
+    """``select: best``: the epoch whose scores are reported."""
 
 
 def check_step_bounds(settings, where: str = "finetune") -> None:
@@ -112,25 +151,38 @@ def check_step_bounds(settings, where: str = "finetune") -> None:
                           f"({settings.min_steps})")
 
 
+def cell_task(task, *, seed: int, fraction: float | None, per_class: int | None, validation_fraction: float = 0.0):
+    """A low-resource cell of ``task``: its training rows (and a ``selection`` split when
+    ``validation_fraction`` holds some out), as a stage that lists the task reads them too."""
+    rows, held = task.training_rows(seed=seed, fraction=fraction, per_class=per_class,
+                                    validation_fraction=validation_fraction)
+    return task.restricted(rows, selection=held)
+
+
 def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: bool = True,
-                 initial: tuple | None = None) -> FinetuneResult:
+                 initial: tuple | None = None, stage_rows: dict | None = None) -> FinetuneResult:
     """Fine-tunes on ``cfg.task`` (subsampled by ``fraction`` or ``per_class``) and scores each epoch.
 
     Args:
         initial: an already built (model, tokenizer) for ``cfg.encoder``/``cfg.init``; the model is
             copied, not changed. Sweeps pass it to avoid reloading the encoder for every run.
+        stage_rows: what the training stage before this run read of each task (its ``stage.json``);
+            when it lists this task, the run refuses to start unless it trains on exactly those rows.
     """
     spec = get_task_spec(cfg.task)
     if initial is not None:
         model, tokenizer = copy.deepcopy(initial[0]), initial[1]
     else:
         model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
-    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
-    if cfg.per_class is not None:
-        task = task.subsampled(seed=cfg.seed, per_class=cfg.per_class)
-    elif cfg.fraction < 1.0:
-        task = task.subsampled(seed=cfg.seed, fraction=cfg.fraction)
     settings = cfg.finetune
+    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
+    select = settings.select == "best"
+    task = cell_task(task, seed=cfg.seed, fraction=None if cfg.per_class is not None else cfg.fraction,
+                     per_class=cfg.per_class, validation_fraction=settings.validation_fraction if select else 0.0)
+    if select and "selection" not in task.splits:
+        raise ConfigError(f"finetune.select=best: {task.size('train')} training rows of {spec.name} leave none "
+                          f"for validation at validation_fraction {settings.validation_fraction:g}")
+    check_stage_rows(spec.name, task.training_rows_read(), stage_rows)
     if spec.name in model.heads and not settings.reuse_head:
         del model.heads[spec.name]
         model.kinds.pop(spec.name)
@@ -143,22 +195,51 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     if settings.max_steps:
         steps = min(steps, settings.max_steps)
     # With min_steps, an "epoch" of the curve is the same fraction of the run as without it.
-    eval_every = math.ceil(steps / settings.epochs) if settings.eval_each_epoch else steps
+    eval_every = math.ceil(steps / settings.epochs) if settings.eval_each_epoch or select else steps
     optimizer, scheduler = build_optimization(model, settings.optim, steps=steps)
-    splits = settings.eval_splits or spec.eval_splits
+    splits = tuple(settings.eval_splits or spec.eval_splits)
+    key = f"{spec.name}/selection/{spec.metrics[0]}"
     seed_everything(cfg.seed)
     result = train_loop(model=model, tasks={spec.name: task}, algorithm=build_algorithm("multitask"),
                         sampler=CategoricalSampler({spec.name: 1.0}, seed=cfg.seed), optimizer=optimizer,
                         scheduler=scheduler, steps=steps, batch_size=settings.batch_size, seed=cfg.seed,
                         run_dir=cfg.output_dir, clip_norm=settings.optim.clip_norm, log_every=eval_every,
-                        eval_every=eval_every, eval_tasks={spec.name: tuple(splits)}, progress=progress,
-                        tensorboard=tensorboard, precision=cfg.precision)
+                        eval_every=eval_every, eval_tasks={spec.name: (("selection",) if select else ()) + splits},
+                        progress=progress, tensorboard=tensorboard, precision=cfg.precision,
+                        evaluator=functools.partial(evaluate, flag_constant=True),
+                        stop=_patience_stop(key, settings.patience) if select and settings.patience else None)
     prefix = f"{spec.name}/"
     curve = [{"epoch": round(e["step"] / steps * settings.epochs, 3),
-              **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}} for e in result.evaluations]
+              **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix) and not k.endswith(CONSTANT)}}
+             for e in result.evaluations]
+    chosen = max(range(len(curve)), key=lambda i: (curve[i][key[len(prefix):]], -i)) if select else len(curve) - 1
     final: dict[str, dict[str, float]] = {}
-    for key, value in curve[-1].items():
-        if key != "epoch":
-            split, metric = key.split("/", 1)
+    for name, value in curve[chosen].items():
+        if name != "epoch" and name.split("/", 1)[0] in splits:
+            split, metric = name.split("/", 1)
             final.setdefault(split, {})[metric] = value
-    return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"))
+    record = result.evaluations[chosen]
+    degenerate = {split: bool(record[f"{prefix}{split}/{CONSTANT}"]) for split in splits}
+    return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"), degenerate=degenerate,
+                          rows_read=task.training_rows_read(),
+                          selected_epoch=curve[chosen]["epoch"] if select else None)
+
+
+def check_stage_rows(name: str, read: dict, stage_rows: dict | None) -> None:
+    """Refuses a fine-tune whose training rows differ from what its stage read of the same task."""
+    if not stage_rows or name not in stage_rows:
+        return
+    stage = stage_rows[name]
+    if (stage["rows"], stage["indices_sha256"]) != (read["rows"], read["indices_sha256"]):
+        raise ConfigError(f"task {name}: the training stage read {stage['rows']} of its training rows "
+                          f"(digest {stage['indices_sha256'][:12]}), this fine-tune trains on {read['rows']} "
+                          f"(digest {read['indices_sha256'][:12]}); a stage must see exactly the cell's rows")
+
+
+def _patience_stop(key: str, patience: int):
+    """Early stopping: True once ``patience`` evaluations in a row have not beaten the best one."""
+    def stop(evaluations: list[dict]) -> bool:
+        scores = [e[key] for e in evaluations]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return len(scores) - 1 - best >= patience
+    return stop

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from metalm.config import ConfigError
 from metalm.tasks.spec import TaskSpec
 
 TaskRef = str | TaskSpec
@@ -205,6 +206,56 @@ class FinetuneSettings:
     """Splits to score (default: the task's eval splits)."""
     reuse_head: bool = False
     """Start from the task's head when the initial model has one."""
+    select: Literal["last", "best"] = "last"
+    """Report the scores after the last epoch, or after the epoch that scores best on a validation
+    part carved from the run's own training rows (`validation_fraction`), never on a reported split."""
+    validation_fraction: float = 0.2
+    """select=best: fraction of the (subsampled) training rows held out for choosing the epoch."""
+    patience: int = 0
+    """select=best: stop after this many epochs without improvement on the validation part (0: never)."""
+
+    def __post_init__(self):
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"finetune.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.patience < 0:
+            raise ConfigError(f"finetune.patience must be >= 0, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class SubsampleConfig:
+    """A stratified, seeded part of a task's training split (what a low-resource cell trains on)."""
+
+    fraction: float | None = None
+    """Keep this fraction of each class (regression: of each score quintile)."""
+    per_class: int | None = None
+    """Instead of a fraction: k examples of each class."""
+    seed: int = 0
+    """Seed of the draw (an experiment uses the cell's fine-tuning seed)."""
+    validation_fraction: float = 0.0
+    """Part of the subsample held out for model selection; training reads only the rest."""
+
+    def __post_init__(self):
+        check_budget(self.fraction, self.per_class, where="subsample")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"subsample.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+
+def check_budget(fraction: float | None, per_class: int | None, *, where: str) -> None:
+    """Exactly one of a fraction in (0, 1] or a positive per-class count (``where`` names their keys)."""
+    if (fraction is None) == (per_class is None):
+        raise ConfigError(f"{where}: give exactly one of fraction or per_class")
+    check_fraction(fraction, where=f"{where}.fraction")
+    check_per_class(per_class, where=f"{where}.per_class")
+
+
+def check_fraction(fraction: float | None, *, where: str) -> None:
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ConfigError(f"{where}: a fraction of the training data must be in (0, 1], got {fraction:g}")
+
+
+def check_per_class(per_class: int | None, *, where: str) -> None:
+    if per_class is not None and per_class < 1:
+        raise ConfigError(f"{where}: examples per class must be at least 1, got {per_class}")
 
 
 @dataclass(frozen=True)
@@ -224,6 +275,9 @@ class TrainConfig:
     """'fp32', or 'bf16': forward and backward under bfloat16 autocast, float32 parameters and optimiser."""
     output_dir: str = "runs/train"
     """Run folder: checkpoints, metrics.jsonl, tb/, final/."""
+    subsample: dict[str, SubsampleConfig] = field(default_factory=dict)
+    """Task -> train on a stratified part of its training split only (an experiment sets it for the
+    targets a stage lists, so the stage reads exactly the rows of the cell's fine-tune)."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +301,10 @@ class FinetuneConfig:
     """'fp32' or 'bf16' (bfloat16 autocast)."""
     output_dir: str = "runs/finetune"
 
+    def __post_init__(self):
+        check_fraction(self.fraction, where="fraction")
+        check_per_class(self.per_class, where="per_class")
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -265,7 +323,18 @@ class ExperimentConfig:
     methods: tuple[MethodConfig, ...]
     targets: tuple[TaskRef, ...]
     fractions: tuple[float, ...] = (1.0,)
+    """Low-resource budgets as fractions of each target's training split (stratified, seeded)."""
+    per_class: tuple[int, ...] = ()
+    """Further budgets of k training examples per class (stratified, seeded), in the same table."""
     seeds: tuple[int, ...] = (0, 1, 2)
+    """Fine-tuning seeds (the subsample, head and batches); with stage_seeds=per_seed, stages too."""
+    stage_seeds: Literal["per_seed", "shared"] = "per_seed"
+    """per_seed: each seed trains its own stage with that seed, so the spread covers the stage;
+    shared: one stage per method (seed `stage_seed`) for cheap exploration."""
+    baseline: str | None = None
+    """The method every other row is compared with (paired by seed); default: the first method."""
+    references: bool = True
+    """Add reference rows computed from the data: majority class, constant mean, zero-shot cosine."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -282,3 +351,16 @@ class ExperimentConfig:
     """Heading of the results table."""
     notes: str = ""
     """Printed under the table (e.g. which datasets stand in for unavailable ones)."""
+
+    def __post_init__(self):
+        for i, fraction in enumerate(self.fractions):
+            check_fraction(fraction, where=f"fractions[{i}]")
+        for i, k in enumerate(self.per_class):
+            check_per_class(k, where=f"per_class[{i}]")
+        if not self.fractions and not self.per_class:
+            raise ConfigError("fractions and per_class are both empty: give at least one budget")
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        names = [m.name for m in self.methods]
+        if self.baseline is not None and self.baseline not in names:
+            raise ConfigError(f"baseline: {self.baseline!r} is not one of the methods {names}")

@@ -54,3 +54,35 @@ def _strata(labels: Sequence, kind: str) -> np.ndarray:
         edges = np.quantile(scores, [0.2, 0.4, 0.6, 0.8])
         return np.searchsorted(edges, scores, side="right")
     return np.asarray(labels)
+
+
+def holdout(labels: Sequence, rows: Sequence[int], *, fraction: float, seed: int,
+            kind: str = "classification") -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``rows`` into (kept, held out), holding out ``fraction`` of each stratum.
+
+    Every stratum keeps at least one row, so a tiny subsample still trains on every class; the
+    held-out part is drawn with its own stream (``seed`` offset), independent of the subsample.
+
+    Returns:
+        Sorted index arrays (into ``labels``) of the kept and the held-out rows.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if fraction <= 0 or len(rows) == 0:
+        return np.sort(rows), np.zeros(0, dtype=np.int64)
+    strata = _strata([labels[i] for i in rows], kind)
+    rng = np.random.default_rng([seed, 1])
+    held = []
+    for value in np.unique(strata):
+        members = rows[strata == value]
+        members = members[rng.permutation(len(members))]
+        take = min(int(round(len(members) * fraction)), len(members) - 1)
+        held.append(members[:take])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(rows, held_out), held_out
+
+
+def rows_digest(rows: Sequence[int]) -> str:
+    """SHA-256 of row indices (as int64, in order): equal digests mean the same rows of a split."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()

@@ -1,36 +1,108 @@
-"""The sweep: for each method, its training stage (once), then fine-tuning on every target,
-data fraction and seed. Each finished fine-tune is a JSON file, so a killed sweep resumes
-where it stopped and later issues only add methods.
+"""The sweep: for each method, its training stages, then fine-tuning on every target, budget and
+seed. Each finished fine-tune is a JSON file, so a killed sweep resumes where it stopped and
+later issues only add methods.
+
+Leak-free by construction: a stage that lists a target trains, for each (budget, seed) cell, on
+exactly the rows that cell's fine-tune trains on (and loads no other split of the target); a stage
+task that reads a target's file under another name is refused. Each stage writes ``stage.json``
+(per task: split, rows, a digest of their indices) and every fine-tune checks it before training.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from metalm.builders import build_model
 from metalm.config import ConfigError, check_same_settings, parse, to_dict
-from metalm.experiments.report import write_reports
+from metalm.experiments.references import task_references
+from metalm.experiments.report import study_warnings, write_reports
 from metalm.experiments.sampler_plots import plot_sampler_histories
-from metalm.recipes import check_step_bounds, run_finetune, run_train
-from metalm.schema import ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, TrainConfig
+from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_train
+from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, SubsampleConfig,
+                           TrainConfig)
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
 
+log = logging.getLogger(__name__)
 
-def method_init(cfg: ExperimentConfig, method: MethodConfig, *, progress: bool) -> str | None:
-    """The model folder a method fine-tunes from (training it first, resumably, when needed)."""
-    if method.init is not None:
-        return method.init
-    if method.train is None:
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of a target's training split a cell uses: a fraction, or k examples per class."""
+
+    fraction: float | None = None
+    per_class: int | None = None
+
+    @property
+    def slug(self) -> str:
+        return f"fraction-{self.fraction:g}" if self.fraction is not None else f"per_class-{self.per_class}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a method: where it runs, its seed, and which targets it subsamples."""
+
+    folder: Path
+    seed: int
+    subsample: dict[str, SubsampleConfig]
+
+
+def budgets(cfg: ExperimentConfig) -> list[Budget]:
+    return [Budget(fraction=f) for f in cfg.fractions] + [Budget(per_class=k) for k in cfg.per_class]
+
+
+def stage_targets(method: MethodConfig, specs) -> list[str]:
+    """Targets that ``method``'s stage lists; refuses a stage task reading a target's file under another name."""
+    listed = [get_task_spec(t) for t in method.train.tasks]
+    names = {s.name for s in specs}
+    for task in listed:
+        for target in specs:
+            shared = sorted(set(task.files.values()) & set(target.files.values()))
+            if task.name != target.name and shared:
+                raise ConfigError(f"method {method.name!r}: stage task {task.name} reads {shared[0]}, a file of the "
+                                  f"target {target.name}; list {target.name} itself (the runner then gives the stage "
+                                  "only the cell's training rows) or drop the task")
+    return [t.name for t in listed if t.name in names]
+
+
+def plan_stage(cfg: ExperimentConfig, method: MethodConfig, specs, finetune: dict[str, FinetuneSettings],
+               budget: Budget, seed: int) -> Stage | None:
+    """The stage a (method, budget, seed) cell fine-tunes from (None: the encoder as loaded)."""
+    if method.train is None or method.init is not None:
         return None
-    train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=cfg.stage_seed,
-                            device=cfg.device, precision=cfg.precision,
-                            output_dir=str(Path(cfg.output_dir) / "methods" / _slug(method.name)))
-    return str(run_train(train_cfg, resume=True, progress=progress))
+    root = Path(cfg.output_dir) / "methods" / _slug(method.name)
+    stage_seed = seed if cfg.stage_seeds == "per_seed" else cfg.stage_seed
+    listed = stage_targets(method, specs)
+    if listed:  # the stage reads each listed target's rows of this very cell
+        subsample = {t: SubsampleConfig(fraction=budget.fraction, per_class=budget.per_class, seed=seed,
+                                        validation_fraction=finetune[t].validation_fraction
+                                        if finetune[t].select == "best" else 0.0) for t in listed}
+        return Stage(root / budget.slug / f"seed-{seed}", stage_seed, subsample)
+    if cfg.stage_seeds == "per_seed":
+        return Stage(root / f"seed-{seed}", stage_seed, {})
+    return Stage(root, stage_seed, {})
+
+
+def run_stage(cfg: ExperimentConfig, method: MethodConfig, stage: Stage, *, progress: bool) -> Path:
+    """Trains (or resumes, or finds finished) a stage; returns its final model folder."""
+    train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=stage.seed,
+                            device=cfg.device, precision=cfg.precision, output_dir=str(stage.folder),
+                            subsample=stage.subsample)
+    return run_train(train_cfg, resume=True, progress=progress)
+
+
+def read_stage_rows(stage: Stage) -> dict:
+    path = stage.folder / STAGE_FILE
+    if not path.exists():
+        raise ConfigError(f"stage {stage.folder}: {STAGE_FILE} is missing, so what it trained on cannot be checked; "
+                          "delete the folder to train the stage again")
+    return json.loads(path.read_text())["tasks"]
 
 
 def target_finetune(cfg: ExperimentConfig, specs) -> dict[str, FinetuneSettings]:
@@ -55,11 +127,14 @@ def _merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: FinetuneSettings) -> dict:
-    """What a fine-tune result depends on besides target, fraction and seed (checked on resume)."""
+def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: FinetuneSettings,
+                 stage: Stage | None) -> dict:
+    """What a fine-tune result depends on besides target, budget and seed (checked on resume)."""
     precision = {} if cfg.precision == "fp32" else {"precision": cfg.precision}  # older results have no key
+    stage_info = {} if stage is None else {"stage_seed": stage.seed,
+                                           "stage_subsample": {t: to_dict(s) for t, s in stage.subsample.items()}}
     return json.loads(json.dumps({"method": to_dict(method), "encoder": to_dict(cfg.encoder),
-                                  "finetune": to_dict(finetune), "stage_seed": cfg.stage_seed,
+                                  "finetune": to_dict(finetune), **stage_info,
                                   "source": cfg.data.source, "target": to_dict(spec), **precision}))
 
 
@@ -68,59 +143,126 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     check_precision(cfg.precision)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique, got {names}")
+        raise ConfigError(f"method names must be unique, got {names}")
     specs = [get_task_spec(t) for t in cfg.targets]
     finetune = target_finetune(cfg, specs)
+    for method in cfg.methods:
+        if method.train is not None:
+            stage_targets(method, specs)  # refuse a leaking stage before anything runs
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
-    jobs = [(m, s, f, seed) for m in cfg.methods for s in specs for f in cfg.fractions for seed in cfg.seeds]
+    # Ordered so that consecutive cells share a stage (per seed, or per budget and seed).
+    jobs = [(m, b, seed, s) for m in cfg.methods for seed in cfg.seeds for b in budgets(cfg) for s in specs]
     rows: list[dict] = []
     curves: list[dict] = []
-    inits: dict[str, str | None] = {}
-    models: dict[str, tuple] = {}  # method -> (model, tokenizer) as loaded, copied for each run
+    loaded: dict[str, tuple] = {}  # stage folder -> (model, tokenizer), the latest only
     bar = tqdm(jobs, desc="fine-tune runs", disable=not progress or None, dynamic_ncols=True)
-    for method, spec, fraction, seed in bar:
-        bar.set_postfix_str(f"{method.name} / {spec.name} @{fraction:g} seed {seed}")
-        path = out / "results" / _slug(method.name) / spec.name / f"fraction-{fraction:g}" / f"seed-{seed}.json"
-        settings = run_settings(cfg, method, spec, finetune[spec.name])
+    for method, budget, seed, spec in bar:
+        bar.set_postfix_str(f"{method.name} / {spec.name} @{budget.slug} seed {seed}")
+        path = out / "results" / _slug(method.name) / spec.name / budget.slug / f"seed-{seed}.json"
+        stage = plan_stage(cfg, method, specs, finetune, budget, seed)
+        settings = run_settings(cfg, method, spec, finetune[spec.name], stage)
         if path.exists():
             result = json.loads(path.read_text())
             check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
         else:
-            if method.name not in inits:
-                inits[method.name] = method_init(cfg, method, progress=progress)
-                models = {method.name: build_model(cfg.encoder, seed=cfg.stage_seed, init=inits[method.name])}
-            ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=finetune[spec.name],
-                                    init=inits[method.name], fraction=fraction, seed=seed, device=cfg.device,
-                                    precision=cfg.precision,
-                                    output_dir=str(path.with_suffix("")))
-            res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=models[method.name])
-            result = {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "settings": settings}
+            result = _fine_tune_cell(cfg, method, spec, finetune[spec.name], budget, seed, stage, loaded,
+                                     path=path, progress=progress)
+            result["settings"] = settings
             write_text_atomic(path, json.dumps(result, indent=1))
-        curves.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
-                       "curve": result["curve"]})
+        cell = {"method": method.name, "target": spec.name, "fraction": budget.fraction,
+                "per_class": budget.per_class, "seed": seed}
+        curves.append({**cell, "curve": result["curve"]})
         for split, metrics in result["scores"].items():
             for metric, value in metrics.items():
-                rows.append({"method": method.name, "target": spec.name, "fraction": fraction, "seed": seed,
-                             "split": split, "metric": metric, "value": value, "train_size": result["train_size"]})
+                rows.append({**cell, "split": split, "metric": metric, "value": value,
+                             "train_size": result["train_size"],
+                             "degenerate": bool(result.get("degenerate", {}).get(split, False))})
     bar.close()
+    return rows, _report(cfg, specs, finetune, rows, curves)
+
+
+def _fine_tune_cell(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: FinetuneSettings, budget: Budget,
+                    seed: int, stage: Stage | None, loaded: dict, *, path: Path, progress: bool) -> dict:
+    """Runs one cell's stage (when it has one and it is not done yet) and its fine-tune."""
+    init = method.init
+    stage_rows = None
+    if stage is not None:
+        init = str(run_stage(cfg, method, stage, progress=progress))
+        stage_rows = read_stage_rows(stage)
+    key = init or ""
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = build_model(cfg.encoder, seed=cfg.stage_seed, init=init)
+    ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=finetune, init=init,
+                            fraction=budget.fraction if budget.fraction is not None else 1.0,
+                            per_class=budget.per_class, seed=seed, device=cfg.device, precision=cfg.precision,
+                            output_dir=str(path.with_suffix("")))
+    res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=loaded[key], stage_rows=stage_rows)
+    return {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "degenerate": res.degenerate,
+            "rows_read": res.rows_read, "selected_epoch": res.selected_epoch,
+            "stage": None if stage is None else {"folder": str(stage.folder), "seed": stage.seed,
+                                                 "rows_read": {t: stage_rows[t] for t in stage.subsample}}}
+
+
+def _report(cfg: ExperimentConfig, specs, finetune, rows: list[dict], curves: list[dict]) -> dict[str, Path]:
+    out = Path(cfg.output_dir)
+    names = [m.name for m in cfg.methods]
     headline = {s.name: ((finetune[s.name].eval_splits or s.eval_splits)[0], s.metrics[0]) for s in specs}
+    references = experiment_references(cfg, specs, finetune) if cfg.references else []
+    baseline = cfg.baseline or names[0]
+    note = _note(cfg)
+    paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves,
+                          baseline=baseline, references=references)
+    for warning in study_warnings(rows, baseline=baseline, headline=headline, references=references):
+        log.warning(warning)
+        print(f"metalm: warning: {warning}")
+    # Adaptive samplers' weights and rewards (Wu et al. Figs. 2-3); uniform = MOMETAS with β = 0.
+    uniform = next((_slug(m.name) for m in cfg.methods if m.train and m.train.sampler.kind == "mometas"
+                    and m.train.sampler.meta_lr == 0), None)
+    paths.update(plot_sampler_histories(out, uniform=uniform))
+    return paths
+
+
+def experiment_references(cfg: ExperimentConfig, specs, finetune) -> list[dict]:
+    """Majority-class / constant / zero-shot references of every target (cached in references.json)."""
+    path = Path(cfg.output_dir) / "references.json"
+    key = json.loads(json.dumps({"encoder": to_dict(cfg.encoder), "source": cfg.data.source,
+                                 "targets": [to_dict(s) for s in specs],
+                                 "splits": {s.name: list(finetune[s.name].eval_splits or s.eval_splits)
+                                            for s in specs}}))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["references"]
+    model = tokenizer = None
+    if any(s.kind == "regression" and "text_b" in s.columns for s in specs):
+        model, tokenizer = build_model(cfg.encoder, seed=cfg.stage_seed)
+    refs = []
+    for spec in specs:
+        refs += task_references(spec, finetune[spec.name].eval_splits or spec.eval_splits, data=cfg.data,
+                                model=model, tokenizer=tokenizer, max_length=cfg.encoder.max_length)
+    write_text_atomic(path, json.dumps({"key": key, "references": refs}, indent=1))
+    return refs
+
+
+def _note(cfg: ExperimentConfig) -> str:
     note = f"encoder: {cfg.encoder.name}; fine-tuning: {cfg.finetune.epochs} epochs, lr {cfg.finetune.optim.lr:g}"
     if cfg.finetune.min_steps:
         note += f", at least {cfg.finetune.min_steps} steps"
     if cfg.finetune.max_steps:
         note += f", at most {cfg.finetune.max_steps} steps"
+    if cfg.finetune.select == "best":
+        note += f", epoch chosen on {cfg.finetune.validation_fraction:.0%} of each cell's training rows"
     for name, changes in cfg.target_finetune.items():
         note += f"; {name}: " + ", ".join(f"{k} {v}" for k, v in _flat(changes))
+    if any(m.train is not None and m.init is None for m in cfg.methods):
+        note += ("; stages: one per seed (stage_seeds: per_seed)" if cfg.stage_seeds == "per_seed"
+                 else f"; stages: one per method, seed {cfg.stage_seed} (stage_seeds: shared)")
     if cfg.notes:
         note += "\n\n" + cfg.notes.strip()
-    paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves)
-    # Adaptive samplers' weights and rewards (Wu et al. Figs. 2-3); uniform = MOMETAS with β = 0.
-    uniform = next((_slug(m.name) for m in cfg.methods if m.train and m.train.sampler.kind == "mometas"
-                    and m.train.sampler.meta_lr == 0), None)
-    paths.update(plot_sampler_histories(out, uniform=uniform))
-    return rows, paths
+    return note
 
 
 def _flat(changes: dict, prefix: str = ""):

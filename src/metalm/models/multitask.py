@@ -72,6 +72,11 @@ class MultiTaskModel(nn.Module):
             return contrastive_logits(*out.chunk(2))  # (B, B)
         return out
 
+    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, H) pooled sentence vectors of the encoder alone (no head): zero-shot similarity."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return self._pool(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])
+
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]

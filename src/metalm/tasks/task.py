@@ -20,7 +20,7 @@ from metalm.config import to_dict
 from metalm.data.batching import Batch, collate
 from metalm.data.cache import cached_columns, file_digest
 from metalm.data.columns import row_lengths
-from metalm.data.sampling import subsample
+from metalm.data.sampling import holdout, rows_digest, subsample
 from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
 from metalm.tasks import metrics
 from metalm.tasks.kinds import is_token_level
@@ -34,6 +34,8 @@ class Task:
     spec: TaskSpec
     splits: dict[str, dict[str, list]]
     pad_id: int
+    rows_read: dict | None = None
+    """When the training split is restricted to a cell's rows: {rows, of, indices_sha256}."""
 
     @property
     def name(self) -> str:
@@ -68,6 +70,40 @@ class Task:
             predictions = [[names[t] for t in seq] for seq in predictions]
             references = [[names[t] for t in seq] for seq in references]
         return metrics.compute(self.spec.metrics, predictions, references)
+
+    def training_rows(self, *, seed: int, fraction: float | None = None, per_class: int | None = None,
+                      validation_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, held-out rows) of a low-resource cell: a stratified, seeded subsample of
+        the training split, less a stratified ``validation_fraction`` of it for model selection.
+
+        A stage that lists a target and that target's fine-tune call this with the same arguments,
+        so they read the same rows.
+        """
+        columns = self._columns("train")
+        labels = columns["labels"] if not is_token_level(self.kind) else [0] * self.size("train")
+        if fraction is None and per_class is None:
+            fraction = 1.0
+        keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
+        return holdout(labels, keep, fraction=validation_fraction, seed=seed, kind=self.kind)
+
+    def restricted(self, rows: Sequence[int], *, selection: Sequence[int] = ()) -> "Task":
+        """The same task training on ``rows`` of its training split only; ``selection`` rows of the
+        training split become a ``selection`` split (model selection, never reported)."""
+        columns = self._columns("train")
+        read = {"rows": len(rows), "of": self.size("train"), "indices_sha256": rows_digest(rows)}
+        if not len(selection) and len(rows) == self.size("train") and np.array_equal(rows, np.arange(len(rows))):
+            return replace(self, rows_read=read)  # every row, in order: no copy of the columns
+        splits = {**self.splits, "train": {key: [values[i] for i in rows] for key, values in columns.items()}}
+        if len(selection):
+            splits["selection"] = {key: [values[i] for i in selection] for key, values in columns.items()}
+        return replace(self, splits=splits, rows_read=read)
+
+    def training_rows_read(self) -> dict:
+        """Which rows of the training split this task trains on: {rows, of, indices_sha256}."""
+        if self.rows_read is not None:
+            return self.rows_read
+        n = self.size("train")
+        return {"rows": n, "of": n, "indices_sha256": rows_digest(range(n))}
 
     def subsampled(self, *, seed: int, fraction: float | None = None, per_class: int | None = None,
                    split: str = "train") -> "Task":

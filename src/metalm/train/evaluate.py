@@ -48,8 +48,26 @@ def _length_order(task: Task, split: str, n: int) -> list[int]:
     return np.argsort(np.asarray(task.lengths(split)), kind="stable").tolist()
 
 
-def evaluate(model, task: Task, split: str, *, batch_size: int = 64) -> dict[str, float]:
-    """The task's metrics on ``split`` plus its mean ``loss``."""
+CONSTANT = "constant_predictions"
+"""The key ``evaluate(..., flag_constant=True)`` adds: 1.0 when every prediction was the same."""
+
+
+def evaluate(model, task: Task, split: str, *, batch_size: int = 64, flag_constant: bool = False) -> dict[str, float]:
+    """The task's metrics on ``split`` plus its mean ``loss`` (and ``CONSTANT`` with ``flag_constant``)."""
     preds, refs, loss = predict_split(model, task, split, batch_size=batch_size)
     scores = task.score(preds, refs)
-    return {**{k: float(v) for k, v in scores.items()}, "loss": loss}
+    out = {**{k: float(v) for k, v in scores.items()}, "loss": loss}
+    if flag_constant:
+        out[CONSTANT] = float(is_constant(preds))
+    return out
+
+
+def is_constant(predictions: list) -> bool:
+    """Whether a model predicted one class (one tag everywhere) or one score for every row: a
+    degenerate run, whatever its metric says. Scores closer than float32 resolution count as one."""
+    flat = [p for row in predictions for p in row] if predictions and isinstance(predictions[0], list) \
+        else list(predictions)
+    if not flat:
+        return False
+    values = np.asarray(flat, dtype=float)
+    return bool(np.ptp(values) <= 1e-6 * max(1.0, float(np.abs(values).max())))

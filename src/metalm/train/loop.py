@@ -53,7 +53,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
                progress: bool = True, on_step: Callable[[int], None] | None = None,
                tensorboard: bool = True, precision: str = "fp32",
-               group_by_length: bool = False) -> LoopResult:
+               group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
+               stop: Callable[[list[dict]], bool] | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -64,6 +65,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         precision: ``fp32`` or ``bf16`` (autocast for the algorithm's step, meta-tests and evaluation;
             ``metalm.train.precision``).
         group_by_length: batches of rows of similar length (``BatchStream`` with ``lengths``), less padding.
+        evaluator: ``(model, task, split) -> {metric: value}`` for each evaluation (default ``evaluate``).
+        stop: called with the evaluations so far after each one; True ends the run there (early stopping).
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
@@ -97,6 +100,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             scheduler.step()
             sampler.update({"tasks": [e.task for e in episodes], **stats})
             done = step + 1
+            stopping = False
             with mixed():
                 _meta_test(sampler, model, tasks, done)
             result.step, result.last_loss = done, stats.get("loss", float("nan"))
@@ -106,15 +110,18 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 bar.set_postfix(loss=f"{result.last_loss:.4f}")
             if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
                 with mixed():
-                    record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks)}
+                    record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks, evaluator)}
                 logger.log(record)
                 result.evaluations.append(record)
                 model.train()
+                stopping = stop is not None and stop(result.evaluations)
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                 extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()}}
                 save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
             if on_step is not None:
                 on_step(done)
+            if stopping:
+                break
     finally:
         bar.close()
         logger.close()
@@ -154,10 +161,11 @@ def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
 
 
-def _evaluate_all(model, tasks: Mapping[str, Task], eval_tasks: Mapping[str, tuple[str, ...]]) -> dict:
+def _evaluate_all(model, tasks: Mapping[str, Task], eval_tasks: Mapping[str, tuple[str, ...]],
+                  evaluator: Callable[..., dict] = evaluate) -> dict:
     record = {}
     for name, splits in eval_tasks.items():
         for split in splits:
-            for metric, value in evaluate(model, tasks[name], split).items():
+            for metric, value in evaluator(model, tasks[name], split).items():
                 record[f"{name}/{split}/{metric}"] = value
     return record
