@@ -79,9 +79,9 @@ def test_experiment_writes_reports_and_table(experiment):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"method", BASELINE, JOINT}
-    for method in (BASELINE, JOINT):
-        assert CELL.fullmatch(rows[method]), rows[method]
-        assert rows[method] == "50.0 ± 3.8"  # mean and sample std of the pinned accuracies, × 100
+    assert rows[BASELINE] == "50.0 ± 3.8"  # mean and sample std of the pinned accuracies, × 100
+    # The same accuracies in both seeds: the paired difference to the baseline is exactly 0.
+    assert rows[JOINT] == "50.0 ± 3.8 (Δ +0.0 [+0.0, +0.0])"
     assert "mean ± std over 2 seed(s)" in table and "encoder: tiny" in table
     # The training stage ran once, for the method that has one, and left a model folder.
     methods = out / "methods"
@@ -283,8 +283,10 @@ def test_demo_runs_without_the_data_folder(tmp_path, monkeypatch):
             for line in stdout.splitlines() if line.startswith("| ") and "---" not in line}
     methods = ("target only (no auxiliary stage)", "joint multi-task", "FOMAML", "Reptile")
     assert set(rows) == {"method", *methods}
-    for method in methods:
-        assert CELL.fullmatch(rows[method]) and rows[method].endswith("± 0.0")  # one seed
+    assert CELL.fullmatch(rows[methods[0]]) and rows[methods[0]].endswith("± 0.0")  # one seed
+    for method in methods[1:]:  # one seed: a difference to the baseline but no interval
+        mean_std, delta = rows[method].split(" (Δ ")
+        assert CELL.fullmatch(mean_std) and mean_std.endswith("± 0.0") and delta.endswith(", n=1)"), rows[method]
     results = json.loads((out / "results.json").read_text())
     assert {r["train_size"] for r in results["runs"]} == {30}  # 30% of the 100 training sentences
     assert (out / "scores.png").is_file()
