@@ -54,7 +54,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 def _experiment_argv(out: Path, cache: Path, data_root: Path) -> list[str]:
     return ["experiment", "glue_rte", "encoder.name=tiny", "seeds=[0,1]", "methods.1.train.steps=20",
-            "methods.1.train.batch_size=8", "finetune.epochs=1", f"output_dir={out}", f"data.cache_dir={cache}",
+            "methods.1.train.batch_size=8", "finetune.epochs=1", "stage_seeds=shared", f"output_dir={out}", f"data.cache_dir={cache}",
             f"data.root={data_root}"]
 
 
@@ -78,11 +78,14 @@ def test_experiment_writes_reports_and_table(experiment):
     assert "| method | rte accuracy @10% |" in table
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"method", BASELINE, JOINT}
-    assert rows[BASELINE] == "50.0 ± 3.8"  # mean and sample std of the pinned accuracies, × 100
+    assert set(rows) == {"method", BASELINE, JOINT, "*majority class*"}
+    # Mean and sample std of the pinned accuracies, × 100; † as the tiny encoder predicts one class.
+    assert rows[BASELINE] == "50.0 ± 3.8†"
     # The same accuracies in both seeds: the paired difference to the baseline is exactly 0.
-    assert rows[JOINT] == "50.0 ± 3.8 (Δ +0.0 [+0.0, +0.0])"
+    assert rows[JOINT] == "50.0 ± 3.8† (Δ +0.0 [+0.0, +0.0])"
+    assert rows["*majority class*"] == "52.7"  # 146 of RTE's 277 dev pairs are entailment
     assert "mean ± std over 2 seed(s)" in table and "encoder: tiny" in table
+    assert "stages: one per method, seed 0 (stage_seeds: shared)" in table
     # The training stage ran once, for the method that has one, and left a model folder.
     methods = out / "methods"
     assert [p.name for p in methods.iterdir()] == ["joint-multi-task--sst-2--mrpc--cola--qnli-dev"]
@@ -282,17 +285,19 @@ def test_demo_runs_without_the_data_folder(tmp_path, monkeypatch):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in stdout.splitlines() if line.startswith("| ") and "---" not in line}
     methods = ("target only (no auxiliary stage)", "joint multi-task", "FOMAML", "Reptile")
-    assert set(rows) == {"method", *methods}
-    assert CELL.fullmatch(rows[methods[0]]) and rows[methods[0]].endswith("± 0.0")  # one seed
+    assert set(rows) == {"method", *methods, "*majority class*"}
+    baseline = rows[methods[0]].rstrip("†")  # † when the tiny encoder predicted one class
+    assert CELL.fullmatch(baseline) and baseline.endswith("± 0.0")  # one seed
     for method in methods[1:]:  # one seed: a difference to the baseline but no interval
         mean_std, delta = rows[method].split(" (Δ ")
+        mean_std = mean_std.rstrip("†")
         assert CELL.fullmatch(mean_std) and mean_std.endswith("± 0.0") and delta.endswith(", n=1)"), rows[method]
     results = json.loads((out / "results.json").read_text())
     assert {r["train_size"] for r in results["runs"]} == {30}  # 30% of the 100 training sentences
     assert (out / "scores.png").is_file()
     # The meta-learning stages ran their meta-steps (fomaml: support + query; reptile: inner steps).
     for slug, algorithm in (("fomaml", "fomaml"), ("reptile", "reptile")):
-        log = [json.loads(line) for line in (out / "methods" / slug / "metrics.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (out / "methods" / slug / "seed-0" / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in log if r.get("event") == "train"]
         assert train and train[-1]["step"] == 3 and all(math.isfinite(r["loss"]) for r in train)
     assert not missing.exists() and not Path("/nonexistent").exists()

@@ -130,25 +130,31 @@ def test_constant_predictions_are_flagged_and_varied_ones_are_not():
     assert not is_constant([[0, 1], [0]])
 
 
-def test_degenerate_flag_on_a_constant_head_and_not_on_a_trained_one(tmp_path):
-    def fine_tune(lr: float, epochs: int) -> dict:
-        cfg = parse(FinetuneConfig, {"task": "polarity", "encoder": TINY, "data": {"cache_dir": None},
-                                     "finetune": {"epochs": epochs, "batch_size": 8, "eval_each_epoch": False,
-                                                  "optim": {"lr": lr}},
-                                     "output_dir": str(tmp_path / f"ft-{lr}")})
-        return run_finetune(cfg, progress=False, tensorboard=False).degenerate
-    # A fresh head's bias of 0 and a random tiny encoder give near-identical logits, but argmax
-    # still varies over rows; zeroing the head (lr 0 keeps it) is the constant predictor.
+def test_degenerate_flag_on_a_constant_head_and_not_on_a_varied_one():
     import torch
 
-    original = torch.nn.Linear.reset_parameters
-    try:
-        torch.nn.Linear.reset_parameters = lambda self: (torch.nn.init.zeros_(self.weight),
-                                                         torch.nn.init.zeros_(self.bias))
-        assert fine_tune(0.0, 1) == {"dev": True}
-    finally:
-        torch.nn.Linear.reset_parameters = original
-    assert fine_tune(1e-3, 3) == {"dev": False}
+    from metalm.builders import add_heads
+    from metalm.train.evaluate import CONSTANT, evaluate
+
+    model, tokenizer = build_model(EncoderConfig(**TINY), seed=0)
+    tasks = build_tasks(["polarity"], tokenizer, data=DataConfig(cache_dir=None), max_length=32)
+    add_heads(model, tasks, seed=0)
+    linear = model.heads["polarity"][1]
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([0.0, 1.0]))  # always "pos"
+    constant = evaluate(model, tasks["polarity"], "dev", flag_constant=True)
+    assert constant[CONSTANT] == 1.0
+    assert constant["accuracy"] == pytest.approx(np.mean(np.asarray(tasks["polarity"].labels("dev")) == 1))
+    task = tasks["polarity"]
+    model.eval()
+    with torch.no_grad():  # a head that splits the dev sentences along one direction of their vectors
+        vectors = model.embed(task.batch("dev", list(range(task.size("dev")))))  # (N, H)
+        direction = vectors[0] - vectors.mean(0)  # (H,)
+        linear.weight.copy_(torch.stack([torch.zeros_like(direction), direction / direction.norm() ** 2]))
+        linear.bias.copy_(torch.tensor([0.0, -float(vectors.mean(0) @ linear.weight[1])]))
+    assert evaluate(model, tasks["polarity"], "dev", flag_constant=True)[CONSTANT] == 0.0
+    assert CONSTANT not in evaluate(model, tasks["polarity"], "dev")
 
 
 def test_best_epoch_is_chosen_on_held_out_training_rows(tmp_path):

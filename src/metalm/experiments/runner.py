@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from metalm.builders import build_model
 from metalm.config import ConfigError, check_same_settings, parse, to_dict
 from metalm.experiments.references import task_references
 from metalm.experiments.report import study_warnings, write_reports
+from metalm.experiments.stats import aggregate
 from metalm.experiments.sampler_plots import plot_sampler_histories
 from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_train
 from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, SubsampleConfig,
@@ -215,9 +217,8 @@ def _report(cfg: ExperimentConfig, specs, finetune, rows: list[dict], curves: li
     note = _note(cfg)
     paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves,
                           baseline=baseline, references=references)
-    for warning in study_warnings(rows, baseline=baseline, headline=headline, references=references):
-        log.warning(warning)
-        print(f"metalm: warning: {warning}")
+    for warning in study_warnings(aggregate(rows), baseline=baseline, headline=headline, references=references):
+        print(f"metalm: warning: {warning}", file=sys.stderr)
     # Adaptive samplers' weights and rewards (Wu et al. Figs. 2-3); uniform = MOMETAS with β = 0.
     uniform = next((_slug(m.name) for m in cfg.methods if m.train and m.train.sampler.kind == "mometas"
                     and m.train.sampler.meta_lr == 0), None)
