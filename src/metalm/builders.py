@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from metalm.learn.samplers import CategoricalSampler, MixedSampler, size_probabilities
-from metalm.models.encoder import load_encoder
+from metalm.models.encoder import load_encoder, resolve_pooling
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
-    """(MultiTaskModel, tokenizer). ``init`` (a metalm model folder) replaces the encoder and adds its heads."""
+    """(MultiTaskModel, tokenizer). ``init`` (a metalm model folder) replaces the encoder and adds its heads.
+
+    Pooling: a model folder keeps the pooling it was trained with; otherwise ``encoder.pooling``,
+    with ``auto`` resolved from the encoder's folder (``resolve_pooling``).
+    """
     torch.manual_seed(seed)
     if init is not None:
         if not is_metalm_folder(init):
@@ -36,7 +40,7 @@ def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
         return model, tokenizer
     backbone, tokenizer = load_encoder(encoder.name, tokenizer=encoder.tokenizer,
                                        attn_implementation=encoder.attn_implementation, dropout=encoder.dropout)
-    return MultiTaskModel(backbone, pooling=encoder.pooling), tokenizer
+    return MultiTaskModel(backbone, pooling=resolve_pooling(encoder.name, encoder.pooling)), tokenizer
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,8 +30,8 @@ class EncoderConfig:
     """'minilm' (offline all-MiniLM-L6-v2), a named random size (tiny, mini, small, medium, base), a Hub id or a folder."""
     tokenizer: str | None = None
     """Tokenizer for named random sizes (default: minilm's)."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """Sentence vector: the first token's state or the mean over tokens."""
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """Sentence vector: first token (cls) or mean over tokens; auto: the folder's 1_Pooling/config.json, else cls."""
     max_length: int = 128
     """Truncation length in tokens."""
     dropout: float | None = None
