@@ -138,7 +138,7 @@ def test_experiment_rerun_resumes_without_training(experiment, cache, data_root,
 def _target_finetune_config(tmp_path: Path, cache: Path, data_root: Path, target_finetune: dict) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32},
+        "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32, "pair_max_length": 32},
         "data": {"root": str(data_root), "cache_dir": str(cache)}, "targets": ["rte", "mrpc"],
         "fractions": [0.02], "seeds": [0], "methods": [{"name": "encoder only"}],
         "finetune": {"epochs": 1, "batch_size": 8, "eval_each_epoch": False, "optim": {"lr": 3.0e-5}},

@@ -166,6 +166,51 @@ def test_subsampled_task(data_root, tokenizer, cache_dir):
     assert again.splits["dev"] == small.splits["dev"]
 
 
+def test_pairs_are_tokenised_at_pair_max_length(data_root, tokenizer, cache_dir):
+    from metalm.builders import build_tasks
+    from metalm.schema import DataConfig
+
+    data = DataConfig(root=str(data_root), cache_dir=str(cache_dir))
+    tasks = build_tasks(["rte", "cola"], tokenizer, data=data, max_length=12, pair_max_length=40, splits=["dev"])
+    longest = {name: max(len(ids) for ids in task.splits["dev"]["input_ids"]) for name, task in tasks.items()}
+    assert longest == {"rte": 40, "cola": 12}  # both truncated, each at its own limit
+    same = build_tasks(["rte", "cola"], tokenizer, data=data, max_length=12, splits=["dev"])  # no pair limit
+    assert {name: max(map(len, task.splits["dev"]["input_ids"])) for name, task in same.items()} == \
+        {"rte": 12, "cola": 12}
+
+
+def test_which_tasks_have_two_texts():
+    from metalm.tasks.spec import has_two_texts
+
+    pairs = {name for name, spec in REGISTRY.items() if has_two_texts(spec)}
+    assert {"rte", "mrpc", "stsb", "qnli_dev", "quora", "sts", "simlex", "analogy"} <= pairs
+    assert not pairs & {"sst2", "cola", "sst5", "cfimdb", "mr", "wnut16", "polarity"}
+    hub_only = TaskSpec(name="nli", kind="pair_classification", format="hub", labels=ENTAIL2,
+                        hub=HubSource(path="csv", columns={"text_a": "premise", "text_b": "hypothesis"}))
+    assert has_two_texts(hub_only)
+
+
+def test_finetune_passes_both_limits_to_build_tasks(monkeypatch):
+    from metalm import recipes
+    from metalm.schema import EncoderConfig, FinetuneConfig
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(refs, tokenizer, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(recipes, "build_tasks", record)
+    cfg = FinetuneConfig(task="rte", encoder=EncoderConfig(name="tiny", max_length=24, pair_max_length=48))
+    with pytest.raises(Stop):
+        recipes.run_finetune(cfg, progress=False, tensorboard=False)
+    assert seen["max_length"] == 24 and seen["pair_max_length"] == 48
+    assert EncoderConfig().pair_max_length == 128
+
+
 # --- Hub-style reading (datasets' csv / json / parquet builders over local files) ---------------
 
 

@@ -30,7 +30,7 @@ def _config(out: Path, data_root: Path, cache: Path, group_by_length: bool = Fal
     settings = TrainSettings(tasks=("rte", "stsb", "cola", "wnut16"), steps=12, batch_size=4, checkpoint_every=4,
                              log_every=1,
                              optim=OptimConfig(lr=1e-3, warmup_ratio=0.25), group_by_length=group_by_length)
-    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32),
+    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32, pair_max_length=32),
                        data=DataConfig(root=str(data_root), cache_dir=str(cache)), seed=3, output_dir=str(out))
 
 

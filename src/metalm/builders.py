@@ -15,6 +15,7 @@ from metalm.models.encoder import load_encoder, resolve_pooling
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
+from metalm.tasks.spec import has_two_texts
 from metalm.tasks.task import Task, load_task
 from metalm.train.optim import build_optimizer, linear_warmup_decay
 
@@ -51,14 +52,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_tasks(refs: Sequence[TaskRef], tokenizer, *, data: DataConfig, max_length: int,
-                splits: Sequence[str] | None = None) -> dict[str, Task]:
+                pair_max_length: int | None = None, splits: Sequence[str] | None = None) -> dict[str, Task]:
+    """Loaded, tokenised tasks keyed by name, in the order given.
+
+    Args:
+        refs: task names, YAML files or specs.
+        tokenizer: a Hugging Face tokenizer.
+        data: where the files are and the cache.
+        max_length: truncation length of single-text tasks.
+        pair_max_length: truncation length of tasks with two texts (``has_two_texts``);
+            None: ``max_length`` for every task.
+        splits: which splits to load (default: each task's own).
+    """
     tasks = {}
     for ref in refs:
         spec = get_task_spec(ref)
         if spec.name in tasks:
             raise ValueError(f"task {spec.name} is listed twice")
+        length = pair_max_length if pair_max_length is not None and has_two_texts(spec) else max_length
         tasks[spec.name] = load_task(spec, tokenizer, root=data.root, glue=data.glue, source=data.source,
-                                     cache_dir=data.cache_dir, max_length=max_length, splits=splits)
+                                     cache_dir=data.cache_dir, max_length=length, splits=splits)
     return tasks
 
 

@@ -55,7 +55,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     if not settings.tasks and not settings.objectives:
         raise ValueError("train.tasks and train.objectives are empty: name at least one task or objective")
     model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
-    tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)
+    tasks = build_tasks(settings.tasks, tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
+                        pair_max_length=cfg.encoder.pair_max_length)
     for name, objective in build_objectives(settings.objectives, tokenizer, data=cfg.data,
                                             max_length=cfg.encoder.max_length, seed=cfg.seed).items():
         if name in tasks:
@@ -125,7 +126,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
         model, tokenizer = copy.deepcopy(initial[0]), initial[1]
     else:
         model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
-    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
+    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
+                       pair_max_length=cfg.encoder.pair_max_length)[spec.name]
     if cfg.per_class is not None:
         task = task.subsampled(seed=cfg.seed, per_class=cfg.per_class)
     elif cfg.fraction < 1.0:

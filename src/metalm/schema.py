@@ -33,7 +33,9 @@ class EncoderConfig:
     pooling: Literal["auto", "cls", "mean"] = "auto"
     """Sentence vector: first token (cls) or mean over tokens; auto: the folder's 1_Pooling/config.json, else cls."""
     max_length: int = 128
-    """Truncation length in tokens."""
+    """Truncation length in tokens of single-text tasks and corpus objectives."""
+    pair_max_length: int = 128
+    """Truncation length for tasks with two texts (text_b): pairs need more room than single sentences."""
     dropout: float | None = None
     """Override the encoder's dropout."""
     attn_implementation: str | None = None
