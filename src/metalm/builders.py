@@ -100,15 +100,19 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, b
 
 
 def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
+    """(optimizer, scheduler): ``cfg``'s optimiser (heads at ``cfg.head_lr`` when set) and linear
+    warmup + decay over ``steps``, which scales every param group alike."""
     decay = cfg.weight_decay
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name,
+                                head_lr=cfg.head_lr)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     if cfg.name == "sgd" and decay > 0:
-        kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=cfg.lr, weight_decay=decay, steps=steps)
+        lr = max(cfg.lr, cfg.head_lr or cfg.lr)  # the faster groups shrink the most
+        kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=lr, weight_decay=decay, steps=steps)
         if kept < 0.95:
             log.warning("optim: SGD at lr %g with weight_decay %g multiplies the weight matrices by %.3f over %d "
                         "steps from the decay alone (torch's SGD decay is scaled by the learning rate); "
-                        "set optim.weight_decay: 0 unless that is intended", cfg.lr, decay, kept, steps)
+                        "set optim.weight_decay: 0 unless that is intended", lr, decay, kept, steps)
     return optimizer, scheduler
 
 

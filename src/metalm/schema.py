@@ -88,6 +88,8 @@ class SamplerConfig:
 class OptimConfig:
     lr: float = 5e-5
     """Peak learning rate of AdamW."""
+    head_lr: float | None = None
+    """Peak learning rate of the task heads; default: lr."""
     weight_decay: float | None = None
     """Weight decay on weight matrices (not biases / LayerNorm); default 0.01 for AdamW (decoupled),
     0 for SGD, where it multiplies the weights by (1 − lr·weight_decay) every step: at Reptile's
