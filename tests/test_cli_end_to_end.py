@@ -268,6 +268,18 @@ def test_finetune_per_class(tmp_path, cache, data_root):
     assert correct == pytest.approx(round(correct), abs=1e-6)
 
 
+@pytest.mark.parametrize("setting, message", [
+    # RTE train: 1249 entailment, 1241 not_entailment
+    ("per_class=1245", "task rte: per_class 1245 is more than the 1241 training examples of class 'not_entailment'"),
+    ("fraction=1.5", "task rte: fraction must be in (0, 1], got 1.5")])
+def test_finetune_refuses_a_subsample_the_task_cannot_give(tmp_path, cache, data_root, capsys, setting, message):
+    code, _ = _run(["finetune", "finetune_rte", "encoder.name=tiny", setting, f"output_dir={tmp_path / 'ft'}",
+                    f"data.cache_dir={cache}", f"data.root={data_root}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"metalm: error: {message}"  # one line, no traceback
+    assert not (tmp_path / "ft" / "scores.json").exists()
+
+
 # --- metalm demo ----------------------------------------------------------------------------------------
 
 def test_demo_runs_without_the_data_folder(tmp_path, monkeypatch):

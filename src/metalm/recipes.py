@@ -130,7 +130,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
                        pair_max_length=cfg.encoder.pair_max_length)[spec.name]
     if cfg.per_class is not None:
         task = task.subsampled(seed=cfg.seed, per_class=cfg.per_class)
-    elif cfg.fraction < 1.0:
+    elif cfg.fraction != 1.0:  # so that a fraction above 1 is refused, not read as 'all'
         task = task.subsampled(seed=cfg.seed, fraction=cfg.fraction)
     settings = cfg.finetune
     if spec.name in model.heads and not settings.reuse_head:

@@ -20,7 +20,7 @@ from metalm.config import to_dict
 from metalm.data.batching import Batch, collate
 from metalm.data.cache import cached_columns, file_digest
 from metalm.data.columns import row_lengths
-from metalm.data.sampling import subsample
+from metalm.data.sampling import StratumTooSmall, subsample
 from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
 from metalm.tasks import metrics
 from metalm.tasks.kinds import is_token_level
@@ -71,10 +71,25 @@ class Task:
 
     def subsampled(self, *, seed: int, fraction: float | None = None, per_class: int | None = None,
                    split: str = "train") -> "Task":
-        """The same task with a stratified, seeded subsample of one split."""
+        """The same task with a stratified, seeded subsample of one split.
+
+        Raises:
+            ConfigError: ``per_class`` is more than a class has (naming the class), or
+                ``fraction`` / ``per_class`` is out of range.
+        """
         columns = self._columns(split)
         labels = columns["labels"] if not is_token_level(self.kind) else [0] * self.size(split)
-        keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
+        try:
+            keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
+        except StratumTooSmall as err:
+            examples = "training examples" if split == "train" else f"{split} examples"
+            stratum = err.stratum
+            if isinstance(err.label, int) and self.spec.labels and 0 <= err.label < len(self.spec.labels):
+                stratum = f"class {self.spec.labels[err.label]!r}"
+            raise cfg.ConfigError(f"task {self.name}: per_class {err.per_class} is more than the {err.size} "
+                                  f"{examples} of {stratum}") from err
+        except ValueError as err:
+            raise cfg.ConfigError(f"task {self.name}: {err}") from err
         reduced = {key: [values[i] for i in keep] for key, values in columns.items()}
         return replace(self, splits={**self.splits, split: reduced})
 
