@@ -141,7 +141,7 @@ def test_experiment_rerun_resumes_without_training(experiment, cache, data_root,
 def _target_finetune_config(tmp_path: Path, cache: Path, data_root: Path, target_finetune: dict) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32},
+        "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32, "pair_max_length": 32},
         "data": {"root": str(data_root), "cache_dir": str(cache)}, "targets": ["rte", "mrpc"],
         "fractions": [0.02], "seeds": [0], "methods": [{"name": "encoder only"}],
         "finetune": {"epochs": 1, "batch_size": 8, "eval_each_epoch": False, "optim": {"lr": 3.0e-5}},
@@ -269,6 +269,18 @@ def test_finetune_per_class(tmp_path, cache, data_root):
     assert saved["curve"][-1]["dev/accuracy"] == printed["scores"]["dev"]["accuracy"]
     correct = printed["scores"]["dev"]["accuracy"] * RTE_DEV
     assert correct == pytest.approx(round(correct), abs=1e-6)
+
+
+@pytest.mark.parametrize("setting, message", [
+    # RTE train: 1249 entailment, 1241 not_entailment
+    ("per_class=1245", "task rte: per_class 1245 is more than the 1241 training examples of class 'not_entailment'"),
+    ("fraction=1.5", "task rte: fraction must be in (0, 1], got 1.5")])
+def test_finetune_refuses_a_subsample_the_task_cannot_give(tmp_path, cache, data_root, capsys, setting, message):
+    code, _ = _run(["finetune", "finetune_rte", "encoder.name=tiny", setting, f"output_dir={tmp_path / 'ft'}",
+                    f"data.cache_dir={cache}", f"data.root={data_root}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"metalm: error: {message}"  # one line, no traceback
+    assert not (tmp_path / "ft" / "scores.json").exists()
 
 
 # --- metalm demo ----------------------------------------------------------------------------------------

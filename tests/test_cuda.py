@@ -99,7 +99,8 @@ def test_finetune_on_cuda_through_the_recipe(tmp_path, data_root, precision):
     from metalm.schema import FinetuneConfig
 
     cfg = load(FinetuneConfig, None, [
-        "task=rte", "encoder.name=tiny", "encoder.max_length=64", "fraction=0.1", "finetune.epochs=2",
+        "task=rte", "encoder.name=tiny", "encoder.max_length=64", "encoder.pair_max_length=64",
+        "fraction=0.1", "finetune.epochs=2",
         f"data.root={data_root}", f"output_dir={tmp_path}/ft", f"precision={precision}"])  # device: auto
     result = run_finetune(cfg, progress=False, tensorboard=False)
     assert all(math.isfinite(v) for v in result.scores["dev"].values())

@@ -23,7 +23,7 @@ def shared_cache(tmp_path_factory) -> Path:
 def _config(out: Path, data_root: Path, cache: Path, **train) -> TrainConfig:
     settings = TrainSettings(tasks=("rte", "mrpc", "stsb"), steps=6, batch_size=4, checkpoint_every=0, log_every=1,
                              optim=OptimConfig(lr=1e-3, warmup_ratio=0.0), **train)
-    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32),
+    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32, pair_max_length=32),
                        data=DataConfig(root=str(data_root), cache_dir=str(cache)), seed=5, output_dir=str(out))
 
 
@@ -55,7 +55,8 @@ def test_metapretrain_with_k0_is_joint_multitask_step_for_step(tmp_path, data_ro
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_trains_from_the_cli(tmp_path, data_root, shared_cache, algorithm):
-    code = cli.main(["train", "train_glue", "encoder.name=tiny", "encoder.max_length=32", "train.tasks=[rte,mrpc,stsb]",
+    code = cli.main(["train", "train_glue", "encoder.name=tiny", "encoder.max_length=32", "encoder.pair_max_length=32",
+                     "train.tasks=[rte,mrpc,stsb]",
                      f"train.algorithm={algorithm}", "train.steps=3", "train.batch_size=4", "train.inner_steps=2",
                      "train.tasks_per_step=2", "train.eval_every=0", "train.checkpoint_every=0",
                      f"output_dir={tmp_path / 'run'}", f"data.root={data_root}", f"data.cache_dir={shared_cache}"])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 from metalm.builders import add_heads, build_model, build_tasks
+from metalm.config import ConfigError
+from metalm.models.encoder import NAMED_SIZES, resolve_pooling
 from metalm.models.multitask import MultiTaskModel
 from metalm.schema import DataConfig, EncoderConfig
 from metalm.tasks.registry import WNUT_TAGS
@@ -40,7 +43,7 @@ def _batches(tasks, n: int = 6) -> dict:
 # --- (a) save_pretrained -> build_model(init=...) -------------------------------------------------
 
 def test_save_and_load_gives_identical_logits(tasks, tokenizer, tmp_path):
-    # Built with seed 7 and mean pooling, loaded with seed 0 and the default (cls) EncoderConfig:
+    # Built with seed 7 and mean pooling, loaded with seed 0 and an EncoderConfig asking for cls:
     # equal logits show that the weights, heads and pooling all come from the folder.
     original = _model(seed=7, pooling="mean", tasks=tasks)
     folder = tmp_path / "model"
@@ -53,7 +56,7 @@ def test_save_and_load_gives_identical_logits(tasks, tokenizer, tmp_path):
         "stsb": {"kind": "regression", "num_labels": 1},
         "wnut16": {"kind": "token_classification", "num_labels": len(WNUT_TAGS)}}}
 
-    loaded, loaded_tokenizer = build_model(EncoderConfig(), seed=0, init=str(folder))
+    loaded, loaded_tokenizer = build_model(EncoderConfig(pooling="cls"), seed=0, init=str(folder))
     loaded.eval()
     assert loaded.pooling == "mean"
     assert loaded.kinds == original.kinds and loaded.num_labels == original.num_labels
@@ -107,6 +110,59 @@ def test_pooled_vector_is_independent_of_padding(tokenizer, pooling):
         assert not torch.allclose(hidden[0].mean(0), single[0], atol=1e-3)
         torch.testing.assert_close(single[0], model.encoder(**alone).last_hidden_state[0].mean(0).detach(),
                                    rtol=0, atol=1e-5)
+
+
+# --- (b2) pooling follows the encoder (encoder.pooling: auto) ---------------------------------------
+
+def _st_folder(path, tokenizer, modes: dict[str, bool] | None):
+    """A tiny random BERT saved as a Hugging Face folder, with a sentence-transformers
+    ``1_Pooling/config.json`` setting ``modes`` (none when ``modes`` is None)."""
+    model = _model(seed=0)
+    model.encoder.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if modes is not None:
+        (path / "1_Pooling").mkdir()
+        flags = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+                 "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False, **modes}
+        (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+    return path
+
+
+@pytest.mark.parametrize("modes, expected", [({"pooling_mode_mean_tokens": True}, "mean"),
+                                             ({"pooling_mode_cls_token": True}, "cls"),
+                                             (None, "cls")])
+def test_auto_pooling_follows_the_sentence_transformers_config(tmp_path, tokenizer, caplog, modes, expected):
+    folder = _st_folder(tmp_path / "enc", tokenizer, modes)
+    with caplog.at_level(logging.INFO, logger="metalm.models.encoder"):
+        assert resolve_pooling(str(folder), "auto") == expected
+    reason = "pooling_mode_" if modes else "has no 1_Pooling"
+    assert f"auto -> {expected}" in caplog.text and reason in caplog.text  # the log says why
+    # ... through the builder too, and an explicit setting always wins over the folder.
+    model, _ = build_model(EncoderConfig(name=str(folder)), seed=0)
+    assert model.pooling == expected
+    other = "cls" if expected == "mean" else "mean"
+    assert resolve_pooling(str(folder), other) == other
+    assert build_model(EncoderConfig(name=str(folder), pooling=other), seed=0)[0].pooling == other
+
+
+@pytest.mark.parametrize("modes, named", [
+    ({"pooling_mode_max_tokens": True}, "pooling_mode_max_tokens"),
+    ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True},  # concatenated vectors
+     "pooling_mode_cls_token, pooling_mode_mean_tokens")])
+def test_auto_pooling_refuses_a_mode_metalm_lacks(tmp_path, tokenizer, modes, named):
+    folder = _st_folder(tmp_path / "enc", tokenizer, modes)
+    with pytest.raises(ConfigError, match="set encoder.pooling to cls or mean") as info:
+        resolve_pooling(str(folder), "auto")
+    assert str(folder / "1_Pooling" / "config.json") in str(info.value) and named in str(info.value)
+    assert resolve_pooling(str(folder), "mean") == "mean"  # the way out the message names
+
+
+def test_auto_pooling_of_named_sizes_hub_ids_and_minilm():
+    assert all(resolve_pooling(name, "auto") == "cls" for name in NAMED_SIZES)
+    assert resolve_pooling("bert-base-uncased", "auto") == "cls"  # a Hub id with no local folder
+    assert resolve_pooling("minilm", "auto") == "mean"  # all-MiniLM-L6-v2 ships 1_Pooling with mean tokens
+    assert resolve_pooling("minilm", "cls") == "cls"
+    assert EncoderConfig().pooling == "auto"
 
 
 def test_mean_pooling_formula():

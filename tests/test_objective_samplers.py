@@ -189,7 +189,7 @@ def test_pair_matching_task_pretrains_beside_a_corpus_objective(tmp_path: Path, 
 
     corpus = CorpusConfig(paths=("{root}/corpus/lee_background.cor",), max_sentences=200)
     data = DataConfig(root=str(data_root), cache_dir=str(tmp_path / "cache"))
-    encoder = EncoderConfig(name="tiny", max_length=32)
+    encoder = EncoderConfig(name="tiny", max_length=32, pair_max_length=32)
     settings = TrainSettings(tasks=("quora",), objectives=(ObjectiveConfig(objective="mlm", corpus=corpus),),
                              steps=60, batch_size=16, log_every=1, sampler=SamplerConfig(kind="uniform"))
     final = run_train(TrainConfig(train=settings, encoder=encoder, data=data, seed=0, output_dir=str(tmp_path / "run")),

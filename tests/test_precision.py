@@ -117,7 +117,8 @@ def test_bf16_finetune_end_to_end(tmp_path, data_root):
     scores = {}
     for precision in ("fp32", "bf16"):
         cfg = load(FinetuneConfig, None, [
-            "task=stsb", "encoder.name=tiny", "encoder.max_length=32", "fraction=0.02", "finetune.epochs=1",
+            "task=stsb", "encoder.name=tiny", "encoder.max_length=32", "encoder.pair_max_length=32",
+            "fraction=0.02", "finetune.epochs=1",
             "finetune.batch_size=16", f"data.root={data_root}", f"output_dir={tmp_path}/{precision}",
             f"precision={precision}", "device=cpu"])
         scores[precision] = run_finetune(cfg, progress=False, tensorboard=False).scores["dev"]

@@ -14,11 +14,12 @@ from metalm.data.cache import DONE
 from metalm.data.errors import DataError
 from metalm.data.hub import read_hub
 from metalm.data.readers import label_parser
-from metalm.data.sampling import subsample
+from metalm.config import ConfigError
+from metalm.data.sampling import StratumTooSmall, subsample
 from metalm.tasks import task as task_module
 from metalm.tasks.registry import REGISTRY
 from metalm.tasks.spec import HubSource, TaskSpec, read_split, spec_from_mapping
-from metalm.tasks.task import load_task
+from metalm.tasks.task import Task, load_task
 
 ENTAIL2 = ("entailment", "not_entailment")
 
@@ -51,10 +52,44 @@ def test_a_small_class_keeps_at_least_one_example():
 
 
 def test_per_class():
-    labels = np.array([0] * 50 + [1] * 30 + [2] * 2)
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 4)
     keep = subsample(labels, seed=3, per_class=4)
-    assert Counter(labels[keep].tolist()) == {0: 4, 1: 4, 2: 2}  # all of a smaller class
+    assert Counter(labels[keep].tolist()) == {0: 4, 1: 4, 2: 4}  # all of a class exactly k large
     np.testing.assert_array_equal(keep, subsample(labels, seed=3, per_class=4))
+
+
+def test_per_class_above_a_class_size_is_refused():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 2)  # class 2 cannot give 4: no silent imbalance
+    with pytest.raises(StratumTooSmall, match=r"per_class 4 is more than the 2 examples of class 2") as info:
+        subsample(labels, seed=3, per_class=4)
+    assert (info.value.label, info.value.size, info.value.per_class) == (2, 2, 4)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(StratumTooSmall, match="the 30 examples of class 1"):  # the smallest short stratum
+        subsample(labels[:80], seed=3, per_class=31)
+    scores = np.linspace(0.0, 5.0, 100)  # 20 per quintile
+    with pytest.raises(StratumTooSmall, match=r"the 20 examples of scores 0 to 0.96 \(quintile 1 of 5\)") as info:
+        subsample(scores, seed=0, per_class=21, kind="regression")
+    assert info.value.label is None
+    assert len(subsample(scores, seed=0, per_class=20, kind="regression")) == 100
+
+
+def _fake_rte(labels: list[int]) -> Task:
+    """RTE's spec over a made-up training split (only the labels matter to subsampling)."""
+    return Task(spec=REGISTRY["rte"], splits={"train": {"input_ids": [[101, 102]] * len(labels), "labels": labels}},
+                pad_id=0)
+
+
+def test_subsampled_names_the_task_and_the_class():
+    task = _fake_rte([0] * 300 + [1] * 249)
+    with pytest.raises(ConfigError) as info:
+        task.subsampled(seed=0, per_class=300)
+    assert str(info.value) == "task rte: per_class 300 is more than the 249 training examples of class 'not_entailment'"
+    assert task.subsampled(seed=0, per_class=249).size("train") == 498
+    for fraction in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=rf"task rte: fraction must be in \(0, 1\], got {fraction}"):
+            task.subsampled(seed=0, fraction=fraction)
+    with pytest.raises(ConfigError, match="task rte: per_class must be >= 1"):
+        task.subsampled(seed=0, per_class=0)
 
 
 def test_regression_is_stratified_by_quintile():
@@ -164,6 +199,51 @@ def test_subsampled_task(data_root, tokenizer, cache_dir):
     assert task.size("dev") == 277  # the original is unchanged
     again = task.subsampled(seed=0, per_class=10, split="dev")
     assert again.splits["dev"] == small.splits["dev"]
+
+
+def test_pairs_are_tokenised_at_pair_max_length(data_root, tokenizer, cache_dir):
+    from metalm.builders import build_tasks
+    from metalm.schema import DataConfig
+
+    data = DataConfig(root=str(data_root), cache_dir=str(cache_dir))
+    tasks = build_tasks(["rte", "cola"], tokenizer, data=data, max_length=12, pair_max_length=40, splits=["dev"])
+    longest = {name: max(len(ids) for ids in task.splits["dev"]["input_ids"]) for name, task in tasks.items()}
+    assert longest == {"rte": 40, "cola": 12}  # both truncated, each at its own limit
+    same = build_tasks(["rte", "cola"], tokenizer, data=data, max_length=12, splits=["dev"])  # no pair limit
+    assert {name: max(map(len, task.splits["dev"]["input_ids"])) for name, task in same.items()} == \
+        {"rte": 12, "cola": 12}
+
+
+def test_which_tasks_have_two_texts():
+    from metalm.tasks.spec import has_two_texts
+
+    pairs = {name for name, spec in REGISTRY.items() if has_two_texts(spec)}
+    assert {"rte", "mrpc", "stsb", "qnli_dev", "quora", "sts", "simlex", "analogy"} <= pairs
+    assert not pairs & {"sst2", "cola", "sst5", "cfimdb", "mr", "wnut16", "polarity"}
+    hub_only = TaskSpec(name="nli", kind="pair_classification", format="hub", labels=ENTAIL2,
+                        hub=HubSource(path="csv", columns={"text_a": "premise", "text_b": "hypothesis"}))
+    assert has_two_texts(hub_only)
+
+
+def test_finetune_passes_both_limits_to_build_tasks(monkeypatch):
+    from metalm import recipes
+    from metalm.schema import EncoderConfig, FinetuneConfig
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(refs, tokenizer, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(recipes, "build_tasks", record)
+    cfg = FinetuneConfig(task="rte", encoder=EncoderConfig(name="tiny", max_length=24, pair_max_length=48))
+    with pytest.raises(Stop):
+        recipes.run_finetune(cfg, progress=False, tensorboard=False)
+    assert seen["max_length"] == 24 and seen["pair_max_length"] == 48
+    assert EncoderConfig().pair_max_length == 128
 
 
 # --- Hub-style reading (datasets' csv / json / parquet builders over local files) ---------------

@@ -23,7 +23,7 @@ def shared_cache(tmp_path_factory) -> Path:
 def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
     """The study's config shrunk to seconds: tiny encoder, 2 steps per stage, one seed, one epoch."""
     data = read_yaml(cli.resolve_config(study))
-    data.update(output_dir=str(out), seeds=[0], encoder={"name": "tiny", "max_length": 32},
+    data.update(output_dir=str(out), seeds=[0], encoder={"name": "tiny", "max_length": 32, "pair_max_length": 32},
                 data={"root": str(data_root), "cache_dir": str(cache)})
     data["finetune"] = {**data["finetune"], "epochs": 1 if study != "lv" else 2, "min_steps": 0}
     data["target_finetune"] = {t: {**c, "min_steps": 0} for t, c in data.get("target_finetune", {}).items()}

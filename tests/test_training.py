@@ -30,7 +30,7 @@ def _config(out: Path, data_root: Path, cache: Path, group_by_length: bool = Fal
     settings = TrainSettings(tasks=("rte", "stsb", "cola", "wnut16"), steps=12, batch_size=4, checkpoint_every=4,
                              log_every=1,
                              optim=OptimConfig(lr=1e-3, warmup_ratio=0.25), group_by_length=group_by_length)
-    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32),
+    return TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=32, pair_max_length=32),
                        data=DataConfig(root=str(data_root), cache_dir=str(cache)), seed=3, output_dir=str(out))
 
 
@@ -153,3 +153,79 @@ def test_mixed_sampler_from_config(tmp_path):
     assert "rte" not in draws[0:2] + draws[4:6]
     with pytest.raises(ValueError, match="sampler.target"):
         build_sampler(SamplerConfig(kind="mixed", target="cola"), tasks, seed=0)
+
+
+# --- optimiser: a separate learning rate for the task heads ------------------------------------------
+
+def _model_with_heads():
+    from metalm.builders import add_heads, build_model
+
+    class FakeTask:  # add_heads reads only the kind and the number of labels
+        def __init__(self, kind, labels):
+            self.kind, self.spec = kind, type("Spec", (), {"num_labels": labels})()
+
+    model, _ = build_model(EncoderConfig(name="tiny", dropout=0.0), seed=0)
+    add_heads(model, {"a": FakeTask("classification", 3), "b": FakeTask("regression", 1)}, seed=0)
+    return model
+
+
+def _old_groups(model) -> list[list[torch.nn.Parameter]]:
+    """The grouping before head_lr existed: weight matrices (decay), then biases and norms."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+    return [decay, [p for p in model.parameters() if all(p is not q for q in decay)]]
+
+
+def test_head_lr_puts_the_heads_in_their_own_groups_on_the_same_schedule():
+    from metalm.builders import build_optimization
+
+    model = _model_with_heads()
+    optimizer, scheduler = build_optimization(model, OptimConfig(lr=1e-4, head_lr=3e-3, warmup_ratio=0.5),
+                                              steps=10)
+    heads = {id(p) for n, p in model.named_parameters() if n.startswith("heads.")}
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4 / 5, 1e-4 / 5, 3e-3 / 5, 3e-3 / 5])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0, 0.01, 0.0]  # the split is kept
+    encoder_groups, head_groups = optimizer.param_groups[:2], optimizer.param_groups[2:]
+    assert all(id(p) not in heads for g in encoder_groups for p in g["params"])
+    assert {id(p) for g in head_groups for p in g["params"]} == heads
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert optimizer.defaults.get("fused") is True  # still the fused AdamW on CPU
+    for _ in range(3):  # warmup 1/5 -> 4/5 of the peak: every group by the same factor
+        before = [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+        factors = [g["lr"] / b for g, b in zip(optimizer.param_groups, before)]
+        assert factors == pytest.approx([factors[0]] * 4) and factors[0] > 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 4 / 5)
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(3e-3 * 4 / 5)
+
+
+def test_head_lr_sets_the_size_of_the_first_adam_step():
+    """Adam's first update is lr·g/(|g|+eps) ≈ ±lr: the heads move by head_lr, the encoder by lr."""
+    from metalm.builders import build_optimization
+
+    model = _model_with_heads().train()
+    optimizer, _ = build_optimization(model, OptimConfig(lr=1e-4, head_lr=2e-2, weight_decay=0.0,
+                                                         warmup_ratio=0.0), steps=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102], [101, 2178, 102, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), "labels": torch.tensor([0, 2])}
+    model.loss("a", batch).backward()
+    optimizer.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert moved["heads.a.1.weight"] == pytest.approx(2e-2, rel=1e-3)
+    assert moved["encoder.embeddings.word_embeddings.weight"] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["heads.b.1.weight"] == 0.0  # no gradient, no step
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_without_head_lr_the_optimizer_is_as_before(name):
+    from metalm.builders import build_optimization
+
+    model = _model_with_heads()
+    optimizer, _ = build_optimization(model, OptimConfig(name=name, lr=1e-3, weight_decay=0.01), steps=10)
+    assert len(optimizer.param_groups) == 2
+    for group, expected in zip(optimizer.param_groups, _old_groups(model)):
+        assert [id(p) for p in group["params"]] == [id(p) for p in expected]
+        assert group["initial_lr"] == 1e-3
+    with_heads, _ = build_optimization(model, OptimConfig(name=name, lr=1e-3, head_lr=0.5), steps=10)
+    assert [g["initial_lr"] for g in with_heads.param_groups] == [1e-3, 1e-3, 0.5, 0.5]

@@ -11,10 +11,11 @@ from typing import Mapping, Sequence
 import torch
 
 from metalm.learn.samplers import CategoricalSampler, MixedSampler, size_probabilities
-from metalm.models.encoder import load_encoder
+from metalm.models.encoder import load_encoder, resolve_pooling
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
+from metalm.tasks.spec import has_two_texts
 from metalm.tasks.task import Task, load_task
 from metalm.train.optim import build_optimizer, linear_warmup_decay
 
@@ -22,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
-    """(MultiTaskModel, tokenizer). ``init`` (a metalm model folder) replaces the encoder and adds its heads."""
+    """(MultiTaskModel, tokenizer). ``init`` (a metalm model folder) replaces the encoder and adds its heads.
+
+    Pooling: a model folder keeps the pooling it was trained with; otherwise ``encoder.pooling``,
+    with ``auto`` resolved from the encoder's folder (``resolve_pooling``).
+    """
     torch.manual_seed(seed)
     if init is not None:
         if not is_metalm_folder(init):
@@ -36,7 +41,7 @@ def build_model(encoder: EncoderConfig, *, seed: int, init: str | None = None):
         return model, tokenizer
     backbone, tokenizer = load_encoder(encoder.name, tokenizer=encoder.tokenizer,
                                        attn_implementation=encoder.attn_implementation, dropout=encoder.dropout)
-    return MultiTaskModel(backbone, pooling=encoder.pooling), tokenizer
+    return MultiTaskModel(backbone, pooling=resolve_pooling(encoder.name, encoder.pooling)), tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,14 +52,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_tasks(refs: Sequence[TaskRef], tokenizer, *, data: DataConfig, max_length: int,
-                splits: Sequence[str] | None = None) -> dict[str, Task]:
+                pair_max_length: int | None = None, splits: Sequence[str] | None = None) -> dict[str, Task]:
+    """Loaded, tokenised tasks keyed by name, in the order given.
+
+    Args:
+        refs: task names, YAML files or specs.
+        tokenizer: a Hugging Face tokenizer.
+        data: where the files are and the cache.
+        max_length: truncation length of single-text tasks.
+        pair_max_length: truncation length of tasks with two texts (``has_two_texts``);
+            None: ``max_length`` for every task.
+        splits: which splits to load (default: each task's own).
+    """
     tasks = {}
     for ref in refs:
         spec = get_task_spec(ref)
         if spec.name in tasks:
             raise ValueError(f"task {spec.name} is listed twice")
+        length = pair_max_length if pair_max_length is not None and has_two_texts(spec) else max_length
         tasks[spec.name] = load_task(spec, tokenizer, root=data.root, glue=data.glue, source=data.source,
-                                     cache_dir=data.cache_dir, max_length=max_length, splits=splits)
+                                     cache_dir=data.cache_dir, max_length=length, splits=splits)
     return tasks
 
 
@@ -83,15 +100,19 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, b
 
 
 def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
+    """(optimizer, scheduler): ``cfg``'s optimiser (heads at ``cfg.head_lr`` when set) and linear
+    warmup + decay over ``steps``, which scales every param group alike."""
     decay = cfg.weight_decay
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name,
+                                head_lr=cfg.head_lr)
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     if cfg.name == "sgd" and decay > 0:
-        kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=cfg.lr, weight_decay=decay, steps=steps)
+        lr = max(cfg.lr, cfg.head_lr or cfg.lr)  # the faster groups shrink the most
+        kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=lr, weight_decay=decay, steps=steps)
         if kept < 0.95:
             log.warning("optim: SGD at lr %g with weight_decay %g multiplies the weight matrices by %.3f over %d "
                         "steps from the decay alone (torch's SGD decay is scaled by the learning rate); "
-                        "set optim.weight_decay: 0 unless that is intended", cfg.lr, decay, kept, steps)
+                        "set optim.weight_decay: 0 unless that is intended", lr, decay, kept, steps)
     return optimizer, scheduler
 
 

@@ -117,7 +117,7 @@ def build_stage_tasks(refs, tokenizer, cfg: TrainConfig) -> dict:
     for spec in specs:
         sub = cfg.subsample.get(spec.name)
         loaded = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
-                             splits=("train",) if sub else None)
+                             pair_max_length=cfg.encoder.pair_max_length, splits=("train",) if sub else None)
         if spec.name in tasks:
             raise ValueError(f"task {spec.name} is listed twice")
         task = loaded[spec.name]
@@ -175,7 +175,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     else:
         model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
     settings = cfg.finetune
-    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length)[spec.name]
+    task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
+                       pair_max_length=cfg.encoder.pair_max_length)[spec.name]
     select = settings.select == "best"
     task = cell_task(task, seed=cfg.seed, fraction=None if cfg.per_class is not None else cfg.fraction,
                      per_class=cfg.per_class, validation_fraction=settings.validation_fraction if select else 0.0)

@@ -31,10 +31,12 @@ class EncoderConfig:
     """'minilm' (offline all-MiniLM-L6-v2), a named random size (tiny, mini, small, medium, base), a Hub id or a folder."""
     tokenizer: str | None = None
     """Tokenizer for named random sizes (default: minilm's)."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """Sentence vector: the first token's state or the mean over tokens."""
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """Sentence vector: first token (cls) or mean over tokens; auto: the folder's 1_Pooling/config.json, else cls."""
     max_length: int = 128
-    """Truncation length in tokens."""
+    """Truncation length in tokens of single-text tasks and corpus objectives."""
+    pair_max_length: int = 128
+    """Truncation length for tasks with two texts (text_b): pairs need more room than single sentences."""
     dropout: float | None = None
     """Override the encoder's dropout."""
     attn_implementation: str | None = None
@@ -87,6 +89,8 @@ class SamplerConfig:
 class OptimConfig:
     lr: float = 5e-5
     """Peak learning rate of AdamW."""
+    head_lr: float | None = None
+    """Peak learning rate of the task heads; default: lr."""
     weight_decay: float | None = None
     """Weight decay on weight matrices (not biases / LayerNorm); default 0.01 for AdamW (decoupled),
     0 for SGD, where it multiplies the weights by (1 − lr·weight_decay) every step: at Reptile's

@@ -11,6 +11,21 @@ from typing import Sequence
 import numpy as np
 
 
+class StratumTooSmall(ValueError):
+    """``per_class`` asks for more examples than a stratum has.
+
+    Attributes:
+        per_class: the k asked for.
+        size: how many examples the stratum has.
+        label: the stratum's class label for classification, else None.
+        stratum: the stratum in words (``class 1``, ``scores 0.6 to 1.8 (quintile 2 of 5)``).
+    """
+
+    def __init__(self, *, per_class: int, size: int, label, stratum: str):
+        super().__init__(f"per_class {per_class} is more than the {size} examples of {stratum}")
+        self.per_class, self.size, self.label, self.stratum = per_class, size, label, stratum
+
+
 def subsample(labels: Sequence, *, seed: int, fraction: float | None = None, per_class: int | None = None,
               kind: str = "classification") -> np.ndarray:
     """Indices (sorted) of a stratified subsample.
@@ -20,11 +35,16 @@ def subsample(labels: Sequence, *, seed: int, fraction: float | None = None, per
             for token tasks, anything (no stratification).
         seed: the sampling seed.
         fraction: keep this fraction of each stratum (at least one example per stratum).
-        per_class: keep this many examples of each stratum (all of a smaller one).
+        per_class: keep this many examples of each stratum.
         kind: the task kind, which decides the strata.
 
     Returns:
         Sorted indices into ``labels``.
+
+    Raises:
+        StratumTooSmall: ``per_class`` is more than the smallest stratum holds (taking all of it
+            would silently unbalance the classes).
+        ValueError: neither or both of ``fraction`` / ``per_class``, or one out of range.
     """
     if (fraction is None) == (per_class is None):
         raise ValueError("give exactly one of fraction or per_class")
@@ -36,6 +56,8 @@ def subsample(labels: Sequence, *, seed: int, fraction: float | None = None, per
     if fraction == 1.0:
         return np.arange(n)
     strata = _strata(labels, kind)
+    if per_class is not None:
+        _check_strata(labels, strata, per_class=per_class, kind=kind)
     rng = np.random.default_rng(seed)
     chosen = []
     for value in np.unique(strata):
@@ -86,3 +108,23 @@ def rows_digest(rows: Sequence[int]) -> str:
     import hashlib
 
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_strata(labels: Sequence, strata: np.ndarray, *, per_class: int, kind: str) -> None:
+    """Raises StratumTooSmall for the smallest stratum when it has fewer than ``per_class`` examples."""
+    values, sizes = np.unique(strata, return_counts=True)
+    smallest = int(np.argmin(sizes))
+    size = int(sizes[smallest])
+    if size >= per_class:
+        return
+    value = values[smallest]
+    if kind == "token_classification":
+        label, stratum = None, "the whole split (token tasks are not stratified)"
+    elif kind == "regression":
+        scores = np.asarray(labels, dtype=float)[strata == value]
+        label = None
+        stratum = f"scores {scores.min():.3g} to {scores.max():.3g} (quintile {int(value) + 1} of 5)"
+    else:
+        label = value.item() if hasattr(value, "item") else value
+        stratum = f"class {label!r}"
+    raise StratumTooSmall(per_class=per_class, size=size, label=label, stratum=stratum)

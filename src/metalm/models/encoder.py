@@ -4,8 +4,14 @@ or random initialisation at a named size.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
+
+from metalm.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Random-initialised BERT sizes, for tests and pre-training from scratch.
 NAMED_SIZES: dict[str, dict[str, int]] = {
@@ -16,6 +22,10 @@ NAMED_SIZES: dict[str, dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 MINILM = "minilm"
+# Where sentence-transformers keeps the pooling a model was trained with.
+ST_POOLING_CONFIG = Path("1_Pooling") / "config.json"
+# Its flags that have a metalm equivalent.
+ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
 
 
 def minilm_path() -> str:
@@ -30,6 +40,52 @@ def minilm_path() -> str:
 def resolve_name(name: str) -> str:
     """'minilm' -> its folder; anything else unchanged (a Hub id or a local folder)."""
     return minilm_path() if name == MINILM else name
+
+
+def resolve_pooling(name: str, pooling: str) -> str:
+    """The pooling to build the model with: ``cls`` or ``mean``.
+
+    An explicit ``cls`` or ``mean`` is returned as given. ``auto`` follows the encoder: a
+    sentence-transformers folder (``1_Pooling/config.json``, as in the offline MiniLM) was
+    trained to be read through its pooling, so that one is used; anything else (named random
+    sizes, plain Hugging Face folders, Hub ids) gets ``cls``.
+
+    Args:
+        name: ``encoder.name``: ``minilm``, a named size, a Hub id or a local folder.
+        pooling: ``encoder.pooling``: ``auto``, ``cls`` or ``mean``.
+
+    Returns:
+        ``cls`` or ``mean``.
+
+    Raises:
+        ConfigError: the folder's pooling config is unreadable or uses a mode metalm lacks.
+    """
+    if pooling != "auto":
+        return pooling
+    if name in NAMED_SIZES:
+        log.info("encoder.pooling auto -> cls: %r is a randomly initialised size", name)
+        return "cls"
+    folder = Path(resolve_name(name))
+    path = folder / ST_POOLING_CONFIG
+    if not folder.is_dir():  # a Hub id: only a local folder is looked into, never the network
+        log.info("encoder.pooling auto -> cls: %r is not a local folder", name)
+        return "cls"
+    if not path.is_file():
+        log.info("encoder.pooling auto -> cls: %s has no %s", folder, ST_POOLING_CONFIG)
+        return "cls"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"encoder.pooling auto: cannot read {path} ({err}); set encoder.pooling to cls or mean") \
+            from err
+    modes = sorted(key for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
+    if len(modes) == 1 and modes[0] in ST_POOLING_MODES:
+        chosen = ST_POOLING_MODES[modes[0]]
+        log.info("encoder.pooling auto -> %s: %s sets %s", chosen, path, modes[0])
+        return chosen
+    raise ConfigError(f"encoder.pooling auto: {path} asks for pooling {', '.join(modes) or '(no mode set)'}, "
+                      f"which metalm does not have (only {', '.join(ST_POOLING_MODES)} alone); "
+                      "set encoder.pooling to cls or mean")
 
 
 def load_tokenizer(name: str):

@@ -101,6 +101,13 @@ class TaskSpec:
         return tuple(self.files)
 
 
+def has_two_texts(spec: TaskSpec) -> bool:
+    """Whether the task's examples are pairs of texts (``text_b`` in its file or Hub columns, or
+    the analogy format's word pairs), which get ``encoder.pair_max_length`` tokens."""
+    hub_columns = (spec.hub.columns or {}) if spec.hub is not None else {}
+    return "text_b" in spec.columns or "text_b" in hub_columns or spec.format == "analogy"
+
+
 def resolve_path(template: str, *, root: str | Path, glue: str | Path | None = None) -> Path:
     """Expands ``{root}``, ``{glue}`` and ``{gensim}`` (gensim's bundled test data) in a task file path."""
     glue = glue if glue is not None else Path(root) / "glue"

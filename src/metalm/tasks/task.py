@@ -20,7 +20,7 @@ from metalm.config import to_dict
 from metalm.data.batching import Batch, collate
 from metalm.data.cache import cached_columns, file_digest
 from metalm.data.columns import row_lengths
-from metalm.data.sampling import holdout, rows_digest, subsample
+from metalm.data.sampling import StratumTooSmall, holdout, rows_digest, subsample
 from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
 from metalm.tasks import metrics
 from metalm.tasks.kinds import is_token_level
@@ -79,12 +79,28 @@ class Task:
         A stage that lists a target and that target's fine-tune call this with the same arguments,
         so they read the same rows.
         """
-        columns = self._columns("train")
-        labels = columns["labels"] if not is_token_level(self.kind) else [0] * self.size("train")
         if fraction is None and per_class is None:
             fraction = 1.0
-        keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
-        return holdout(labels, keep, fraction=validation_fraction, seed=seed, kind=self.kind)
+        keep = self._stratified_rows("train", seed=seed, fraction=fraction, per_class=per_class)
+        return holdout(self._stratum_labels("train"), keep, fraction=validation_fraction, seed=seed, kind=self.kind)
+
+    def _stratum_labels(self, split: str) -> list:
+        return self._columns(split)["labels"] if not is_token_level(self.kind) else [0] * self.size(split)
+
+    def _stratified_rows(self, split: str, *, seed: int, fraction: float | None, per_class: int | None):
+        """Sorted rows of a stratified subsample; a bad budget is a ConfigError naming the task (and class)."""
+        try:
+            return subsample(self._stratum_labels(split), seed=seed, fraction=fraction, per_class=per_class,
+                             kind=self.kind)
+        except StratumTooSmall as err:
+            examples = "training examples" if split == "train" else f"{split} examples"
+            stratum = err.stratum
+            if isinstance(err.label, int) and self.spec.labels and 0 <= err.label < len(self.spec.labels):
+                stratum = f"class {self.spec.labels[err.label]!r}"
+            raise cfg.ConfigError(f"task {self.name}: per_class {err.per_class} is more than the {err.size} "
+                                  f"{examples} of {stratum}") from err
+        except ValueError as err:
+            raise cfg.ConfigError(f"task {self.name}: {err}") from err
 
     def restricted(self, rows: Sequence[int], *, selection: Sequence[int] = ()) -> "Task":
         """The same task training on ``rows`` of its training split only; ``selection`` rows of the
@@ -107,10 +123,14 @@ class Task:
 
     def subsampled(self, *, seed: int, fraction: float | None = None, per_class: int | None = None,
                    split: str = "train") -> "Task":
-        """The same task with a stratified, seeded subsample of one split."""
+        """The same task with a stratified, seeded subsample of one split.
+
+        Raises:
+            ConfigError: ``per_class`` is more than a class has (naming the class), or
+                ``fraction`` / ``per_class`` is out of range.
+        """
         columns = self._columns(split)
-        labels = columns["labels"] if not is_token_level(self.kind) else [0] * self.size(split)
-        keep = subsample(labels, seed=seed, fraction=fraction, per_class=per_class, kind=self.kind)
+        keep = self._stratified_rows(split, seed=seed, fraction=fraction, per_class=per_class)
         reduced = {key: [values[i] for i in keep] for key, values in columns.items()}
         return replace(self, splits={**self.splits, split: reduced})
 
