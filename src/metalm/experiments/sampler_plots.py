@@ -8,10 +8,13 @@ from pathlib import Path
 
 
 def read_histories(out: str | Path) -> dict[str, dict]:
-    """Method folder name -> ``sampler.json`` ({"names", "history"}) for every method that wrote one."""
+    """Method folder name -> ``sampler.json`` ({"names", "history"}) for every method that wrote one;
+    with a stage per seed (or per cell), the first stage's in sorted order (seed-0 before seed-1)."""
     found = {}
-    for path in sorted(Path(out).glob("methods/*/sampler.json")):
-        found[path.parent.name] = json.loads(path.read_text())
+    for method in sorted(p for p in Path(out).glob("methods/*") if p.is_dir()):
+        paths = sorted(method.rglob("sampler.json"), key=lambda p: (len(p.parts), str(p)))
+        if paths:
+            found[method.name] = json.loads(paths[0].read_text())
     return found
 
 
