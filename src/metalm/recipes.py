@@ -115,12 +115,11 @@ def build_stage_tasks(refs, tokenizer, cfg: TrainConfig) -> dict:
         raise ConfigError(f"subsample.{unknown[0]}: not one of train.tasks {[s.name for s in specs]}")
     tasks = {}
     for spec in specs:
-        sub = cfg.subsample.get(spec.name)
-        loaded = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
-                             pair_max_length=cfg.encoder.pair_max_length, splits=("train",) if sub else None)
         if spec.name in tasks:
             raise ValueError(f"task {spec.name} is listed twice")
-        task = loaded[spec.name]
+        sub = cfg.subsample.get(spec.name)
+        task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
+                           pair_max_length=cfg.encoder.pair_max_length, splits=("train",) if sub else None)[spec.name]
         if sub is not None:
             rows, _ = task.training_rows(seed=sub.seed, fraction=sub.fraction, per_class=sub.per_class,
                                          validation_fraction=sub.validation_fraction)

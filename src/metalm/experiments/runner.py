@@ -11,7 +11,6 @@ task that reads a target's file under another name is refused. Each stage writes
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, M
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

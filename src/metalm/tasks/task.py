@@ -109,9 +109,9 @@ class Task:
         read = {"rows": len(rows), "of": self.size("train"), "indices_sha256": rows_digest(rows)}
         if not len(selection) and len(rows) == self.size("train") and np.array_equal(rows, np.arange(len(rows))):
             return replace(self, rows_read=read)  # every row, in order: no copy of the columns
-        splits = {**self.splits, "train": {key: [values[i] for i in rows] for key, values in columns.items()}}
+        splits = {**self.splits, "train": _rows_of(columns, rows)}
         if len(selection):
-            splits["selection"] = {key: [values[i] for i in selection] for key, values in columns.items()}
+            splits["selection"] = _rows_of(columns, selection)
         return replace(self, splits=splits, rows_read=read)
 
     def training_rows_read(self) -> dict:
@@ -129,10 +129,13 @@ class Task:
             ConfigError: ``per_class`` is more than a class has (naming the class), or
                 ``fraction`` / ``per_class`` is out of range.
         """
-        columns = self._columns(split)
         keep = self._stratified_rows(split, seed=seed, fraction=fraction, per_class=per_class)
-        reduced = {key: [values[i] for i in keep] for key, values in columns.items()}
-        return replace(self, splits={**self.splits, split: reduced})
+        return replace(self, splits={**self.splits, split: _rows_of(self._columns(split), keep)})
+
+
+def _rows_of(columns: dict[str, list], rows: Sequence[int]) -> dict[str, list]:
+    """The given rows of every column, in that order."""
+    return {key: [values[i] for i in rows] for key, values in columns.items()}
 
 
 def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path | None = None,
