@@ -1,7 +1,9 @@
 """Shared fixtures: the offline data root, the offline MiniLM tokenizer and a fresh cache folder.
 
-The data root is ``$METALM_DATA`` or ``<project root>/../shared/data``. Tests that need it fail
-(rather than skip) when it is missing, so a misconfigured run cannot pass silently.
+The data root is ``$METALM_DATA`` or ``<project root>/../shared/data``. Tests that need it are
+skipped when it is missing (a fresh clone runs every other test), with one line at the end saying
+how to point at the data; ``METALM_REQUIRE_DATA=1`` (set by CI) turns the skip into a failure, so a
+misconfigured CI run cannot pass silently.
 """
 
 from __future__ import annotations
@@ -30,15 +32,26 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("METALM_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 
 
+REQUIRE_DATA = os.environ.get("METALM_REQUIRE_DATA", "") not in ("", "0")
+_MISSING = (f"offline data folder not found: {DATA_ROOT} "
+            "(set METALM_DATA to the folder holding glue/, minbert/, senteval/, ner/)")
+_skipped_for_data: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not DATA_ROOT.is_dir():
-        pytest.fail(
-            f"offline data folder not found: {DATA_ROOT} "
-            "(set METALM_DATA to the folder holding glue/, minbert/, senteval/, ner/)",
-            pytrace=False,
-        )
+        if REQUIRE_DATA:
+            pytest.fail(_MISSING + "; METALM_REQUIRE_DATA is set", pytrace=False)
+        _skipped_for_data.append("x")
+        pytest.skip("needs the offline data folder (METALM_DATA)")
     return DATA_ROOT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_for_data:
+        terminalreporter.write_line(
+            f"metalm: tests that read real data were skipped: {_MISSING}", yellow=True)
 
 
 @pytest.fixture(scope="session")
