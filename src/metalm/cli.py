@@ -9,6 +9,8 @@
     metalm check CONFIG ...                       validate config files
     metalm twomoons [--quick|--size default|paper]  the Two Moons study of a meta-learned LM objective
     metalm lmtext [--quick] [--corpus FILE]       MLM vs soft labels on a real corpus (Shen, §4.3)
+    metalm export MODEL --out DIR                 a sentence-transformers folder with a model card
+    metalm push MODEL --repo ORG/NAME             upload it to the Hugging Face Hub
 
 CONFIG is a YAML path or the name of a shipped config (``demo``, ``glue_rte``, ...).
 """
@@ -159,6 +161,29 @@ def cmd_lmtext(args) -> None:
     print(path.read_text())
 
 
+def _table(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise cfg.ConfigError(f"--table {path}: no such file (a study's results.md)")
+    return Path(path).read_text()
+
+
+def cmd_export(args) -> None:
+    from metalm.share import export_sentence_transformers
+
+    out = export_sentence_transformers(args.model, args.out, max_seq_length=args.max_seq_length,
+                                       table=_table(args.table))
+    print(f"written: {out} (load it with sentence_transformers.SentenceTransformer({str(out)!r}))")
+
+
+def cmd_push(args) -> None:
+    from metalm.share import push_to_hub
+
+    url = push_to_hub(args.model, args.repo, table=_table(args.table), private=args.private)
+    print(f"uploaded: {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -175,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     with_config("finetune", cmd_finetune, "fine-tune on one target task")
     with_config("experiment", cmd_experiment, "method x target x fraction x seed sweep, table and plot")
-    demo = sub.add_parser("demo", help="the main job on embedded offline data (MiniLM, ~5 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the main job on embedded offline data (MiniLM, ~8 min on 2 cores)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     demo.set_defaults(fn=cmd_demo)
     ev = sub.add_parser("evaluate", help="score a saved model on a task")
@@ -206,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--out", default=None, help="output folder (default runs/lmtext-<size>)")
     text.add_argument("--threads", type=int, default=1, help="torch threads")
     text.set_defaults(fn=cmd_lmtext)
+    export = sub.add_parser("export", help="write a trained encoder as a sentence-transformers folder")
+    export.add_argument("model", help="a metalm model folder (a run's final/)")
+    export.add_argument("--format", choices=("sentence-transformers",), default="sentence-transformers")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--max-seq-length", type=int, default=None, help="default: the run's encoder.max_length")
+    export.add_argument("--table", default=None, help="a study's results.md to put in the model card")
+    export.set_defaults(fn=cmd_export)
+    push = sub.add_parser("push", help="upload a trained encoder with its model card to the Hugging Face Hub")
+    push.add_argument("model", help="a metalm model folder (a run's final/)")
+    push.add_argument("--repo", required=True, help="Hub repository id, e.g. my-org/my-encoder")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--table", default=None, help="a study's results.md to put in the model card")
+    push.set_defaults(fn=cmd_push)
     return parser
 
 
