@@ -325,3 +325,22 @@ def test_tasks_lists_builtin_and_demo_tasks():
     assert "pair_classification" in lines["rte"] and "accuracy" in lines["rte"]
     assert "token_classification" in lines["wnut16"] and "entity_f1" in lines["wnut16"]
     assert "matthews" in lines["cola"]
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_finetune_saves_the_reported_model_and_evaluate_scores_it_the_same(tmp_path, cache, data_root, select):
+    out = tmp_path / "ft"
+    code, stdout = _run(["finetune", "finetune_rte", "encoder.name=tiny", "per_class=24", f"finetune.select={select}",
+                         "finetune.optim.lr=1e-3", "finetune.epochs=4", f"output_dir={out}",
+                         f"data.cache_dir={cache}", f"data.root={data_root}"])
+    assert code == 0
+    reported = json.loads(stdout)["scores"]["dev"]
+    assert (out / "final" / "heads.json").is_file() and (out / "config.json").is_file()
+    code, stdout = _run(["evaluate", "--model", str(out / "final"), "--task", "rte", "--split", "dev",
+                         f"cache_dir={cache}"])
+    assert code == 0
+    again = json.loads(stdout)["dev"]
+    assert again == pytest.approx(reported, rel=1e-6, abs=1e-7)
+    if select == "best":  # the run goes on past the selected epoch, so the saved weights are a snapshot
+        curve = json.loads((out / "scores.json").read_text())["curve"]
+        assert curve[-1]["dev/loss"] != pytest.approx(reported["loss"], rel=1e-6)

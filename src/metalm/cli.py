@@ -106,13 +106,21 @@ def cmd_evaluate(args) -> None:
     from metalm.tasks.registry import get_task_spec
     from metalm.train.evaluate import evaluate
 
-    data = cfg.parse(DataConfig, cfg.apply_overrides({}, args.overrides), where="data")
+    # The run that wrote the model (its config.json one level up) gives the defaults: the same
+    # sequence lengths and data settings score the same rows the same way.
+    run = Path(args.model).parent / "config.json"
+    trained = json.loads(run.read_text()) if run.is_file() else {}
+    data = cfg.parse(DataConfig, cfg.apply_overrides(dict(trained.get("data") or {}), args.overrides), where="data")
+    encoder = trained.get("encoder") or {}
+    max_length = args.max_length or encoder.get("max_length") or 128
+    pair_max_length = args.max_length or encoder.get("pair_max_length") or max_length
     model, tokenizer = build_model(EncoderConfig(), seed=0, init=args.model)
     spec = get_task_spec(args.task)
     if spec.name not in model.heads:
         raise cfg.ConfigError(f"model {args.model} has no head for task {spec.name} (has {sorted(model.heads)})")
     splits = [args.split] if args.split else list(spec.eval_splits)
-    task = build_tasks([spec], tokenizer, data=data, max_length=args.max_length, splits=splits)[spec.name]
+    task = build_tasks([spec], tokenizer, data=data, max_length=max_length, pair_max_length=pair_max_length,
+                       splits=splits)[spec.name]
     print(json.dumps({split: evaluate(model, task, split) for split in splits}, indent=1))
 
 
@@ -207,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="a metalm model folder (a run's final/)")
     ev.add_argument("--task", required=True, help="task name or YAML file")
     ev.add_argument("--split", default=None, help="split (default: the task's eval splits)")
-    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--max-length", type=int, default=None,
+                    help="token limit (default: the training run's encoder.max_length / pair_max_length, else 128)")
     ev.add_argument("overrides", nargs="*", help="data settings, e.g. root=../data")
     ev.set_defaults(fn=cmd_evaluate)
     sub.add_parser("tasks", help="list built-in tasks").set_defaults(fn=cmd_tasks)

@@ -200,6 +200,10 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     splits = tuple(settings.eval_splits or spec.eval_splits)
     key = f"{spec.name}/selection/{spec.metrics[0]}"
     seed_everything(cfg.seed)
+    keep = _Snapshot(model, key) if select and cfg.save_model else None
+    stop = _patience_stop(key, settings.patience) if select and settings.patience else None
+    if keep is not None:
+        stop = keep.wrap(stop)
     result = train_loop(model=model, tasks={spec.name: task}, algorithm=build_algorithm("multitask"),
                         sampler=CategoricalSampler({spec.name: 1.0}, seed=cfg.seed), optimizer=optimizer,
                         scheduler=scheduler, steps=steps, batch_size=settings.batch_size, seed=cfg.seed,
@@ -207,7 +211,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
                         eval_every=eval_every, eval_tasks={spec.name: (("selection",) if select else ()) + splits},
                         progress=progress, tensorboard=tensorboard, precision=cfg.precision,
                         evaluator=functools.partial(evaluate, flag_constant=True),
-                        stop=_patience_stop(key, settings.patience) if select and settings.patience else None)
+                        stop=stop)
     prefix = f"{spec.name}/"
     curve = [{"epoch": round(e["step"] / steps * settings.epochs, 3),
               **{k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix) and not k.endswith(CONSTANT)}}
@@ -219,6 +223,19 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
             split, metric = name.split("/", 1)
             final.setdefault(split, {})[metric] = value
     record = result.evaluations[chosen]
+    if cfg.save_model:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
+        if keep is not None:
+            keep.restore()
+        folder = Path(cfg.output_dir) / "final"
+        tmp = Path(cfg.output_dir) / ".final-tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
     degenerate = {split: bool(record[f"{prefix}{split}/{CONSTANT}"]) for split in splits}
     return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"), degenerate=degenerate,
                           rows_read=task.training_rows_read(),
@@ -234,6 +251,27 @@ def check_stage_rows(name: str, read: dict, stage_rows: dict | None) -> None:
         raise ConfigError(f"task {name}: the training stage read {stage['rows']} of its training rows "
                           f"(digest {stage['indices_sha256'][:12]}), this fine-tune trains on {read['rows']} "
                           f"(digest {read['indices_sha256'][:12]}); a stage must see exactly the cell's rows")
+
+
+class _Snapshot:
+    """Keeps a copy of the weights at the best ``key`` evaluation so far (``select: best``), so the
+    saved model is the one whose scores are reported; ties keep the earlier epoch, as the selection."""
+
+    def __init__(self, model, key: str):
+        self.model, self.key, self.best, self.state = model, key, None, None
+
+    def wrap(self, stop):
+        def check(evaluations: list[dict]) -> bool:
+            score = evaluations[-1][self.key]
+            if self.best is None or score > self.best:
+                self.best = score
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            return stop(evaluations) if stop is not None else False
+        return check
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
 
 
 def _patience_stop(key: str, patience: int):

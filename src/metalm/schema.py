@@ -304,6 +304,9 @@ class FinetuneConfig:
     precision: str = "fp32"
     """'fp32' or 'bf16' (bfloat16 autocast)."""
     output_dir: str = "runs/finetune"
+    save_model: bool = True
+    """Save the reported model (with ``select: best``, the selected epoch's) to ``output_dir/final``,
+    a folder that ``metalm evaluate --model`` and ``init`` read. Experiments turn it off per cell."""
 
     def __post_init__(self):
         check_fraction(self.fraction, where="fraction")

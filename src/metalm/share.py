@@ -41,6 +41,10 @@ def run_config(model_dir: str | Path) -> dict | None:
 def describe_method(config: dict | None) -> str:
     if not config:
         return "not recorded (no config.json beside the model folder)"
+    if "task" in config and "train" not in config:
+        task = config["task"] if isinstance(config["task"], str) else config["task"].get("name")
+        budget = f"{config['per_class']} per class" if config.get("per_class") else f"{config.get('fraction', 1.0):g}"
+        return f"fine-tuned on `{task}` (training fraction {budget}, seed {config.get('seed')})"
     train = config.get("train") or {}
     parts = [f"algorithm `{train.get('algorithm', 'multitask')}`"]
     if train.get("tasks"):

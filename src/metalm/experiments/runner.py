@@ -197,7 +197,7 @@ def _fine_tune_cell(cfg: ExperimentConfig, method: MethodConfig, spec, finetune:
     ft_cfg = FinetuneConfig(task=spec, encoder=cfg.encoder, data=cfg.data, finetune=finetune, init=init,
                             fraction=budget.fraction if budget.fraction is not None else 1.0,
                             per_class=budget.per_class, seed=seed, device=cfg.device, precision=cfg.precision,
-                            output_dir=str(path.with_suffix("")))
+                            output_dir=str(path.with_suffix("")), save_model=False)
     res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=loaded[key], stage_rows=stage_rows)
     return {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "degenerate": res.degenerate,
             "rows_read": res.rows_read, "selected_epoch": res.selected_epoch,
