@@ -119,7 +119,7 @@ def test_experiment_results_json_and_pinned_scores(experiment):
     assert run["scores"]["dev"]["loss"] == pytest.approx(PINNED[BASELINE, 1]["loss"], abs=1e-6)
 
 
-def test_experiment_rerun_resumes_without_training(experiment, cache, data_root, monkeypatch):
+def test_experiment_rerun_resumes_without_training(experiment, cache, data_root, monkeypatch, capsys):
     out, first_stdout = experiment
     per_run = sorted((out / "results").rglob("seed-*.json"))
     assert len(per_run) == 4
@@ -131,9 +131,12 @@ def test_experiment_rerun_resumes_without_training(experiment, cache, data_root,
 
     for name in ("run_train", "run_finetune", "build_model"):
         monkeypatch.setattr(runner, name, forbidden)
+    capsys.readouterr()
     code, stdout = _run(_experiment_argv(out, cache, data_root))
     assert code == 0
     assert {p: p.stat().st_mtime_ns for p in watched} == stamps
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped finished cell" in line]
+    assert len(skipped) == 4 and "pre-trained encoder only / rte @10% seed 0" in skipped[0]
     assert (out / "results.md").read_text() in stdout
     assert "50.0 ± 3.8" in stdout
 

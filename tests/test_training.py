@@ -41,7 +41,7 @@ def _weights(final: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
-def test_kill_and_resume_ends_with_identical_numbers(tmp_path, data_root, shared_cache, group_by_length):
+def test_kill_and_resume_ends_with_identical_numbers(tmp_path, data_root, shared_cache, group_by_length, capsys):
     straight = run_train(_config(tmp_path / "straight", data_root, shared_cache, group_by_length), progress=False,
                          tensorboard=False)
 
@@ -53,7 +53,9 @@ def test_kill_and_resume_ends_with_identical_numbers(tmp_path, data_root, shared
     with pytest.raises(Killed):
         run_train(cfg, progress=False, on_step=kill_at_6, tensorboard=False)
     assert not (tmp_path / "killed" / "final").exists()
+    capsys.readouterr()
     resumed = run_train(cfg, resume=True, progress=False, tensorboard=False)
+    assert f"resumed {tmp_path / 'killed'} from step 4 (" in capsys.readouterr().err
 
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()

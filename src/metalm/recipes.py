@@ -30,7 +30,7 @@ from metalm.train.loop import train_loop
 
 
 # Settings that may differ when a run is resumed: where things are, and how often to log.
-RESUME_MAY_CHANGE = ("output_dir", "device", "data.root", "data.glue", "data.cache_dir", "train.log_every",
+RESUME_MAY_CHANGE = ("output_dir", "device", "threads", "data.root", "data.glue", "data.cache_dir", "train.log_every",
                      "train.checkpoint_every", "train.eval_every", "train.evaluate")
 
 

@@ -257,6 +257,11 @@ def check_fraction(fraction: float | None, *, where: str) -> None:
         raise ConfigError(f"{where}: a fraction of the training data must be in (0, 1], got {fraction:g}")
 
 
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: expected a positive number of CPU threads (or null for the default), got {threads}")
+
+
 def check_per_class(per_class: int | None, *, where: str) -> None:
     if per_class is not None and per_class < 1:
         raise ConfigError(f"{where}: examples per class must be at least 1, got {per_class}")
@@ -282,6 +287,12 @@ class TrainConfig:
     subsample: dict[str, SubsampleConfig] = field(default_factory=dict)
     """Task -> train on a stratified part of its training split only (an experiment sets it for the
     targets a stage lists, so the stage reads exactly the rows of the cell's fine-tune)."""
+    threads: int | None = None
+    """torch's CPU thread count; None: one thread for the random `tiny`/`mini` encoders (faster than
+    two for models that small), torch's default otherwise."""
+
+    def __post_init__(self):
+        check_threads(self.threads)
 
 
 @dataclass(frozen=True)
@@ -304,11 +315,15 @@ class FinetuneConfig:
     precision: str = "fp32"
     """'fp32' or 'bf16' (bfloat16 autocast)."""
     output_dir: str = "runs/finetune"
+    threads: int | None = None
+    """torch's CPU thread count; None: one thread for the random `tiny`/`mini` encoders (faster than
+    two for models that small), torch's default otherwise."""
     save_model: bool = True
     """Save the reported model (with ``select: best``, the selected epoch's) to ``output_dir/final``,
     a folder that ``metalm evaluate --model`` and ``init`` read. Experiments turn it off per cell."""
 
     def __post_init__(self):
+        check_threads(self.threads)
         check_fraction(self.fraction, where="fraction")
         check_per_class(self.per_class, where="per_class")
 
@@ -358,8 +373,12 @@ class ExperimentConfig:
     """Heading of the results table."""
     notes: str = ""
     """Printed under the table (e.g. which datasets stand in for unavailable ones)."""
+    threads: int | None = None
+    """torch's CPU thread count; None: one thread for the random `tiny`/`mini` encoders (faster than
+    two for models that small), torch's default otherwise."""
 
     def __post_init__(self):
+        check_threads(self.threads)
         for i, fraction in enumerate(self.fractions):
             check_fraction(fraction, where=f"fractions[{i}]")
         for i, k in enumerate(self.per_class):

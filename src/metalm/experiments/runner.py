@@ -15,13 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from metalm.builders import build_model
 from metalm.config import ConfigError, check_same_settings, parse, to_dict
 from metalm.experiments.references import task_references
 from metalm.experiments.report import study_warnings, write_reports
-from metalm.experiments.stats import aggregate
+from metalm.experiments.stats import aggregate, budget_label
 from metalm.experiments.sampler_plots import plot_sampler_histories
 from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_train
 from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, SubsampleConfig,
@@ -29,6 +28,7 @@ from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, M
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
+from metalm.train.progress import Progress, note
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     rows: list[dict] = []
     curves: list[dict] = []
     loaded: dict[str, tuple] = {}  # stage folder -> (model, tokenizer), the latest only
-    bar = tqdm(jobs, desc="fine-tune runs", disable=not progress or None, dynamic_ncols=True)
+    bar = Progress(jobs, desc="fine-tune runs", enabled=progress)
     for method, budget, seed, spec in bar:
         bar.set_postfix_str(f"{method.name} / {spec.name} @{budget.slug} seed {seed}")
         path = out / "results" / _slug(method.name) / spec.name / budget.slug / f"seed-{seed}.json"
@@ -165,6 +165,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
         if path.exists():
             result = json.loads(path.read_text())
             check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
+            if progress:
+                note(f"skipped finished cell {method.name} / {spec.name} @{budget_label((budget.fraction, budget.per_class))} "
+                     f"seed {seed} ({path})")
         else:
             result = _fine_tune_cell(cfg, method, spec, finetune[spec.name], budget, seed, stage, loaded,
                                      path=path, progress=progress)

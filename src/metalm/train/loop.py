@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from metalm.data.batching import BatchStream, to_device
 from metalm.learn.algorithms import Algorithm, Episode
@@ -25,6 +24,7 @@ from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
 from metalm.train.logging import RunLogger
 from metalm.train.precision import autocast, check_precision
+from metalm.train.progress import Progress, note
 
 
 @dataclass
@@ -82,8 +82,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     logger = RunLogger(run_dir, resume_step=start if checkpoint is not None else None, tensorboard=tensorboard)
     result = LoopResult(step=start, last_loss=float("nan"))
     model.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress or None,
-               dynamic_ncols=True)
+    if checkpoint is not None:
+        note(f"resumed {run_dir} from step {start} ({checkpoint})")
+    bar = Progress(range(start, steps), initial=start, total=steps, desc=f"train {Path(run_dir).name}",
+                   enabled=progress)
     try:
         if start == 0:
             with mixed():
