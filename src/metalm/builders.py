@@ -133,7 +133,8 @@ def build_adaptive_sampler(cfg: SamplerConfig, names: Sequence[str], *, seed: in
     if cfg.kind == "mometas":
         return MometasSampler(names, seed=seed, update_every=cfg.update_every, meta_lr=cfg.meta_lr,
                               entropy_weight=cfg.entropy_weight, reward_kind=cfg.reward,
-                              validation_batch_size=cfg.validation_batch_size or batch_size)
+                              validation_batch_size=cfg.validation_batch_size or batch_size,
+                              reward_names=cfg.reward_tasks)
     return SignalSampler(names, seed=seed, signal=cfg.kind, update_every=cfg.update_every, scaling=cfg.scaling)
 
 

@@ -86,6 +86,9 @@ class SamplerConfig:
     """mometas: relative loss drops (Eq. 3), the overall loss, or ±1 per objective (their Table 3)."""
     validation_batch_size: int | None = None
     """mometas: examples per task in each meta-test (default: train.batch_size)."""
+    reward_tasks: tuple[str, ...] | None = None
+    """mometas: the tasks whose relative validation-loss drops make the reward (default: every task);
+    a target listed in the stage is scored on its cell's held-out rows (needs finetune.select: best)."""
 
     def __post_init__(self):
         if self.ratio is not None:
