@@ -92,8 +92,10 @@ def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, b
             raise ValueError(f"sampler.kind=mixed needs sampler.target set to one of the tasks {sorted(tasks)} "
                              f"and at least one other task, got target={cfg.target!r}")
         others = {n: 1.0 for n in tasks if n != cfg.target}
+        first_draws = (cfg.period * cfg.ratio[0] // sum(cfg.ratio) if cfg.ratio is not None
+                       else int(round(cfg.uniform_fraction * cfg.period)))
         return MixedSampler(CategoricalSampler(others, seed=seed), CategoricalSampler({cfg.target: 1.0}, seed=seed),
-                            period=cfg.period, first_draws=int(round(cfg.uniform_fraction * cfg.period)))
+                            period=cfg.period, first_draws=first_draws)
     probabilities = size_probabilities(sizes, kind=cfg.kind, temperature=cfg.temperature, weights=cfg.weights)
     log.info("task probabilities: %s", {k: round(v, 3) for k, v in probabilities.items()})
     return CategoricalSampler(probabilities, seed=seed)
@@ -131,7 +133,8 @@ def build_adaptive_sampler(cfg: SamplerConfig, names: Sequence[str], *, seed: in
     if cfg.kind == "mometas":
         return MometasSampler(names, seed=seed, update_every=cfg.update_every, meta_lr=cfg.meta_lr,
                               entropy_weight=cfg.entropy_weight, reward_kind=cfg.reward,
-                              validation_batch_size=cfg.validation_batch_size or batch_size)
+                              validation_batch_size=cfg.validation_batch_size or batch_size,
+                              reward_names=cfg.reward_tasks)
     return SignalSampler(names, seed=seed, signal=cfg.kind, update_every=cfg.update_every, scaling=cfg.scaling)
 
 

@@ -68,6 +68,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     model.to(resolve_device(cfg.device))
     optimizer, scheduler = build_optimization(model, settings.optim, steps=settings.steps)
     sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed, batch_size=settings.batch_size)
+    if settings.sampler.kind == "mometas":
+        check_held_out(labelled)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     read = {name: {"split": "train", **task.training_rows_read()} for name, task in labelled.items()}
@@ -106,6 +108,19 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
 STAGE_FILE = "stage.json"
 
 
+def check_held_out(tasks) -> None:
+    """A learned sampler's reward must come from rows the stage does not train on: refuses a task
+    whose meta-test would read its training split (a target subsampled without held-out rows)."""
+    from metalm.train.feedback import validation_split
+
+    for name, task in tasks.items():
+        if validation_split(task) == "train":
+            raise ConfigError(f"train.sampler.kind=mometas: task {name} has no held-out split in this stage, so its "
+                              "meta-test reward would read its training rows; in an experiment, set finetune.select: "
+                              "best so that each cell holds out finetune.validation_fraction of its rows, or drop "
+                              f"{name} from train.tasks")
+
+
 def build_stage_tasks(refs, tokenizer, cfg: TrainConfig) -> dict:
     """The run's tasks; those in ``cfg.subsample`` train on their cell's rows only, and only their
     training split is loaded, so nothing of their dev or test rows reaches the run."""
@@ -121,9 +136,9 @@ def build_stage_tasks(refs, tokenizer, cfg: TrainConfig) -> dict:
         task = build_tasks([spec], tokenizer, data=cfg.data, max_length=cfg.encoder.max_length,
                            pair_max_length=cfg.encoder.pair_max_length, splits=("train",) if sub else None)[spec.name]
         if sub is not None:
-            rows, _ = task.training_rows(seed=sub.seed, fraction=sub.fraction, per_class=sub.per_class,
-                                         validation_fraction=sub.validation_fraction)
-            task = task.restricted(rows)
+            rows, held = task.training_rows(seed=sub.seed, fraction=sub.fraction, per_class=sub.per_class,
+                                            validation_fraction=sub.validation_fraction)
+            task = task.restricted(rows, selection=held)  # held: the cell's selection rows, never trained on
         tasks[spec.name] = task
     return tasks
 

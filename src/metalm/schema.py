@@ -71,6 +71,9 @@ class SamplerConfig:
     """kind=mixed: task draws per period."""
     uniform_fraction: float = 0.5
     """kind=mixed: fraction of each period drawn uniformly from the other tasks."""
+    ratio: tuple[int, int] | None = None
+    """kind=mixed: auxiliary : target draws in each period, e.g. [2, 1] (Dou Table 2: 2:1 and 5:1 per
+    epoch); replaces uniform_fraction, and `period` must be a multiple of their sum."""
     update_every: int = 100
     """gradient / loss / mometas: K, steps between distribution updates (MOMETAS's meta length)."""
     scaling: Literal["proportional", "sigmoid"] = "sigmoid"
@@ -83,6 +86,17 @@ class SamplerConfig:
     """mometas: relative loss drops (Eq. 3), the overall loss, or ±1 per objective (their Table 3)."""
     validation_batch_size: int | None = None
     """mometas: examples per task in each meta-test (default: train.batch_size)."""
+    reward_tasks: tuple[str, ...] | None = None
+    """mometas: the tasks whose relative validation-loss drops make the reward (default: every task);
+    a target listed in the stage is scored on its cell's held-out rows (needs finetune.select: best)."""
+
+    def __post_init__(self):
+        if self.ratio is not None:
+            if len(self.ratio) != 2 or min(self.ratio) < 1:
+                raise ConfigError(f"sampler.ratio: expected two positive integers [auxiliary, target], got {self.ratio}")
+            if self.period % sum(self.ratio):
+                raise ConfigError(f"sampler.ratio {self.ratio[0]}:{self.ratio[1]}: sampler.period ({self.period}) must "
+                                  f"be a multiple of {sum(self.ratio)} so that every period keeps the ratio exactly")
 
 
 @dataclass(frozen=True)

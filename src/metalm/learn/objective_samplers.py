@@ -81,14 +81,21 @@ class MometasSampler:
         entropy_weight: λ.
         reward_kind: ``relative`` (Eq. 3), ``overall`` or ``hard`` (their Table 3).
         validation_batch_size: examples per objective in each meta-test.
+        reward_names: the tasks whose meta-test losses make R(τ) (default: every task in ``names``);
+            e.g. only a target's held-out rows, the loss that matters, while the sampler draws others.
     """
 
     needs_encoder_grad_norm = False
 
     def __init__(self, names: Sequence[str], *, seed: int, update_every: int = 100, meta_lr: float = 0.1,
-                 entropy_weight: float = 0.0, reward_kind: Reward = "relative", validation_batch_size: int = 32):
+                 entropy_weight: float = 0.0, reward_kind: Reward = "relative", validation_batch_size: int = 32,
+                 reward_names: Sequence[str] | None = None):
         if update_every < 1:
             raise ValueError(f"update_every (K) must be >= 1, got {update_every}")
+        if reward_names is not None and (not reward_names or set(reward_names) - set(names)):
+            raise ValueError(f"sampler.reward_tasks must be a non-empty subset of the tasks {list(names)}, "
+                             f"got {list(reward_names)}")
+        self.reward_names = tuple(reward_names) if reward_names is not None else tuple(names)
         reward({}, {}, kind=reward_kind)  # fails early on an unknown kind
         self.names = tuple(names)
         self.update_every, self.meta_lr, self.entropy_weight = update_every, meta_lr, entropy_weight
@@ -121,7 +128,7 @@ class MometasSampler:
         losses = {n: float(feedback["validation_losses"][n]) for n in self.names}
         record = {"step": self.steps, "probabilities": self.probabilities.tolist(), "losses": losses}
         if self.baseline is not None:
-            value = reward(self.baseline, losses, kind=self.reward_kind)
+            value = reward(self.baseline, {n: losses[n] for n in self.reward_names}, kind=self.reward_kind)
             grad = mometas_gradient(self.logits, self.counts, value, entropy_weight=self.entropy_weight)
             self.logits = self.logits + self.meta_lr * grad
             record.update(reward=value, trajectory=self.counts.tolist())

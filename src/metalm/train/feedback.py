@@ -20,8 +20,9 @@ def encoder_grad_norm(model: torch.nn.Module) -> float:
 
 
 def validation_split(task) -> str:
-    """A task's held-out split: ``validation`` (corpus objectives), else its first eval split, else train."""
-    for split in ("validation", *task.spec.eval_splits):
+    """A task's held-out split: ``validation`` (corpus objectives), else ``selection`` (a target's rows
+    held out of a stage's cell), else its first eval split, else train."""
+    for split in ("validation", "selection", *task.spec.eval_splits):
         if split in task.splits and task.size(split) > 0:
             return split
     return "train"
