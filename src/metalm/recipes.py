@@ -81,7 +81,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
         "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
         "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
         "inner_optimizer": settings.inner_optimizer, "inner_betas": settings.inner_betas,
-        "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay}))
+        "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay,
+        "reduction": settings.loss_reduction}))
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
                batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},
@@ -89,7 +90,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
-               precision=cfg.precision, group_by_length=settings.group_by_length)
+               precision=cfg.precision, group_by_length=settings.group_by_length,
+               all_tasks=settings.step_tasks == "all")
     if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))

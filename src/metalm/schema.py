@@ -177,6 +177,12 @@ class TrainSettings:
     """Examples per batch."""
     tasks_per_step: int = 1
     """Episodes per step: the meta-batch of tasks (Dou et al.: 8), gradients averaged."""
+    step_tasks: Literal["sampled", "all"] = "sampled"
+    """sampled: `tasks_per_step` episodes whose tasks the sampler draws; all: one episode (one
+    batch) of every task at every step, in task order, the sampler unused (Xue Eq. 1: every
+    task's loss at each step)."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """multitask: average (Xue Eq. 1's 1/N) or sum the episodes' losses of a step."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 10
@@ -191,6 +197,14 @@ class TrainSettings:
     group_by_length: bool = False
     """Batch rows of similar length together (pools of 50 batches sorted by length, batches shuffled):
     less padding, so more tokens/s on corpora of mixed sentence lengths."""
+
+    def __post_init__(self):
+        if self.step_tasks == "all" and self.tasks_per_step != 1:
+            raise ConfigError(f"train.tasks_per_step must be 1 with train.step_tasks: all (one episode of "
+                              f"every task per step), got {self.tasks_per_step}")
+        if self.loss_reduction != "mean" and self.algorithm != "multitask":
+            raise ConfigError(f"train.loss_reduction applies to algorithm: multitask only, got "
+                              f"algorithm {self.algorithm!r}")
 
 
 @dataclass(frozen=True)
