@@ -84,3 +84,59 @@ def test_step_tasks_settings_are_validated():
         TrainSettings(algorithm="reptile", loss_reduction="sum")
     with pytest.raises(ValueError, match="reduction"):
         MultiTask(reduction="max")
+
+
+def test_cosine_meta_schedule_is_torchs_cosine_annealing():
+    from metalm.train.optim import warmup_cosine_decay
+
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    a = warmup_cosine_decay(ours, total_steps=40, warmup_steps=0)
+    b = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=40)
+    for _ in range(40):
+        assert a.get_last_lr()[0] == pytest.approx(b.get_last_lr()[0], abs=1e-12)
+        ours.step(), theirs.step(), a.step(), b.step()
+
+
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+def test_reptile_inner_lr_decays_by_0_8_every_30_meta_steps(inner_optimizer):
+    from metalm.learn.reptile import Reptile, reptile_grads
+    from tests.test_meta_algorithms import make_episode
+
+    reptile = Reptile(inner_lr=0.1, inner_steps=2, inner_optimizer=inner_optimizer,
+                      inner_lr_decay=0.8, inner_lr_decay_every=30)
+    for step, expected in [(0, 0.1), (29, 0.1), (30, 0.08), (65, 0.1 * 0.8 ** 2)]:
+        reptile.at_step(step)
+        assert reptile.inner_lr == pytest.approx(expected)
+    # The step at t=65 is the undecayed algorithm at inner_lr 0.1·0.8².
+    model, episodes = tiny_model(), [make_episode(3, 2)]
+    reptile.step(model, episodes)
+    decayed = grads_of(model)
+    plain = Reptile(inner_lr=0.1 * 0.8 ** 2, inner_steps=2, inner_optimizer=inner_optimizer)
+    model.zero_grad(set_to_none=True)
+    plain.step(model, episodes)
+    reference = grads_of(model)
+    undecayed, _ = reptile_grads(model, episodes, inner_lr=0.1, inner_steps=2,
+                                 inner_optimizer=None if inner_optimizer == "sgd" else
+                                 Reptile(inner_lr=0.1, inner_optimizer="adam").inner_optimizer)
+    for n in reference:
+        torch.testing.assert_close(decayed[n], reference[n])
+    assert any(not torch.allclose(undecayed[n], reference[n]) for n in reference)
+
+
+def test_loop_calls_before_step_with_the_steps_done(tmp_path):
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    seen = []
+    train_loop(model=model, tasks={"a": _Rows("a")}, algorithm=_Record(), sampler=_NoDraw(),
+               optimizer=optimizer, scheduler=scheduler, steps=3, batch_size=2, seed=0, run_dir=tmp_path,
+               progress=False, tensorboard=False, all_tasks=True, before_step=seen.append)
+    assert seen == [0, 1, 2]
+
+
+def test_inner_lr_decay_settings_are_validated():
+    with pytest.raises(ConfigError, match="inner_lr_decay_every"):
+        TrainSettings(algorithm="multitask", inner_lr_decay=0.8, inner_lr_decay_every=30)
+    with pytest.raises(ConfigError, match="inner_lr_decay must"):
+        TrainSettings(algorithm="reptile", inner_lr_decay=1.5, inner_lr_decay_every=30)

@@ -17,7 +17,7 @@ from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfi
 from metalm.tasks.registry import get_task_spec
 from metalm.tasks.spec import has_two_texts
 from metalm.tasks.task import Task, load_task
-from metalm.train.optim import build_optimizer, linear_warmup_decay
+from metalm.train.optim import build_optimizer, linear_warmup_decay, warmup_cosine_decay
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
     decay = cfg.weight_decay
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name,
                                 head_lr=cfg.head_lr)
-    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
+    schedule = {"linear": linear_warmup_decay, "cosine": warmup_cosine_decay}[cfg.schedule]
+    scheduler = schedule(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     if cfg.name == "sgd" and decay > 0:
         lr = max(cfg.lr, cfg.head_lr or cfg.lr)  # the faster groups shrink the most
         kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=lr, weight_decay=decay, steps=steps)

@@ -82,7 +82,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
         "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
         "inner_optimizer": settings.inner_optimizer, "inner_betas": settings.inner_betas,
         "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay,
-        "reduction": settings.loss_reduction}))
+        "reduction": settings.loss_reduction, "inner_lr_decay": settings.inner_lr_decay,
+        "inner_lr_decay_every": settings.inner_lr_decay_every}))
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
                batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},
@@ -91,7 +92,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
                precision=cfg.precision, group_by_length=settings.group_by_length,
-               all_tasks=settings.step_tasks == "all")
+               all_tasks=settings.step_tasks == "all",
+               before_step=algorithm.at_step if settings.inner_lr_decay_every else None)
     if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))

@@ -96,7 +96,9 @@ class OptimConfig:
     0 for SGD, where it multiplies the weights by (1 − lr·weight_decay) every step: at Reptile's
     meta learning rate 1, 0.01 alone would shrink them by ~18% in 40 steps."""
     warmup_ratio: float = 0.1
-    """Fraction of steps of linear warmup, followed by linear decay to 0."""
+    """Fraction of steps of linear warmup, followed by the decay of `schedule` to 0."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Decay after warmup: linear, or a half cosine (torch's CosineAnnealingLR; Xue's meta scheduler)."""
     clip_norm: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
     name: Literal["adamw", "sgd"] = "adamw"
@@ -165,6 +167,11 @@ class TrainSettings:
     inner_betas: tuple[float, float] = (0.9, 0.999)
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.0
+    inner_lr_decay: float = 1.0
+    """reptile: multiply the inner learning rate by this every `inner_lr_decay_every` meta steps
+    (Xue, Table 1: 0.8 every 30)."""
+    inner_lr_decay_every: int = 0
+    """reptile: meta steps between inner-lr decays (0: a constant inner learning rate)."""
     objectives: tuple[ObjectiveConfig, ...] = ()
     """Pre-training objectives on corpora, trained as further tasks beside `tasks`."""
     task_inner_steps: dict[str, int] | None = None
@@ -202,6 +209,13 @@ class TrainSettings:
         if self.step_tasks == "all" and self.tasks_per_step != 1:
             raise ConfigError(f"train.tasks_per_step must be 1 with train.step_tasks: all (one episode of "
                               f"every task per step), got {self.tasks_per_step}")
+        if not 0 < self.inner_lr_decay <= 1:
+            raise ConfigError(f"train.inner_lr_decay must be in (0, 1], got {self.inner_lr_decay}")
+        if self.inner_lr_decay_every < 0:
+            raise ConfigError(f"train.inner_lr_decay_every must be >= 0, got {self.inner_lr_decay_every}")
+        if self.inner_lr_decay_every and self.algorithm != "reptile":
+            raise ConfigError(f"train.inner_lr_decay_every applies to algorithm: reptile only, got "
+                              f"algorithm {self.algorithm!r}")
         if self.loss_reduction != "mean" and self.algorithm != "multitask":
             raise ConfigError(f"train.loss_reduction applies to algorithm: multitask only, got "
                               f"algorithm {self.algorithm!r}")

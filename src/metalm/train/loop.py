@@ -54,7 +54,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                progress: bool = True, on_step: Callable[[int], None] | None = None,
                tensorboard: bool = True, precision: str = "fp32",
                group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
-               stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False) -> LoopResult:
+               stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
+               before_step: Callable[[int], None] | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -69,6 +70,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         stop: called with the evaluations so far after each one; True ends the run there (early stopping).
         all_tasks: one episode of every task at each step, in task order, instead of ``tasks_per_step``
             sampled ones (Xue Eq. 1); the sampler still receives ``update`` but draws nothing.
+        before_step: called with the number of steps done before each step (also after a resume),
+            e.g. ``Reptile.at_step`` for a decaying inner learning rate.
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
@@ -91,6 +94,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             with mixed():
                 _meta_test(sampler, model, tasks, 0)
         for step in bar:
+            if before_step is not None:
+                before_step(step)
             if all_tasks:
                 episodes = [_episode(sampler, tasks, streams, algorithm, device, name=n) for n in tasks]
             else:
