@@ -140,3 +140,59 @@ def test_inner_lr_decay_settings_are_validated():
         TrainSettings(algorithm="multitask", inner_lr_decay=0.8, inner_lr_decay_every=30)
     with pytest.raises(ConfigError, match="inner_lr_decay must"):
         TrainSettings(algorithm="reptile", inner_lr_decay=1.5, inner_lr_decay_every=30)
+
+
+def _heads_experiment(tmp_path, **changes):
+    from metalm.config import parse
+    from metalm.schema import ExperimentConfig
+
+    data = {"title": "heads", "output_dir": str(tmp_path / "out"), "encoder": {"name": "tiny", "max_length": 32},
+            "data": {"cache_dir": str(tmp_path / "cache")}, "targets": ["polarity"], "fractions": [0.2],
+            "seeds": [0], "references": False,
+            "finetune": {"epochs": 1, "batch_size": 8, "eval_each_epoch": False},
+            "methods": [{"name": "none"},
+                        {"name": "joint", "score": "heads",
+                         "train": {"tasks": ["polarity", "simlex"], "steps": 2, "batch_size": 4, "step_tasks": "all",
+                                   "checkpoint_every": 0, "evaluate": False}}]}
+    data.update(changes)
+    return parse(ExperimentConfig, data)
+
+
+def test_score_heads_scores_the_stages_own_head_without_fine_tuning(tmp_path):
+    """End to end on the tiny encoder: the joint row is the stage model's polarity head evaluated
+    independently (no fine-tune folder, the same numbers), on the cell's rows only."""
+    import json
+
+    from metalm.builders import build_model, build_tasks
+    from metalm.experiments.runner import run_experiment
+    from metalm.schema import DataConfig, EncoderConfig
+    from metalm.train.evaluate import evaluate
+
+    rows, paths = run_experiment(_heads_experiment(tmp_path), progress=False)
+    out = tmp_path / "out"
+    result = json.loads((out / "results" / "joint" / "polarity" / "fraction-0.2" / "seed-0.json").read_text())
+    stage = json.loads((out / "methods" / "joint" / "fraction-0.2" / "seed-0" / "stage.json").read_text())
+    assert result["scored"] == "stage heads" and result["train_size"] == stage["tasks"]["polarity"]["rows"] == 20
+    assert not (out / "results" / "joint" / "polarity" / "fraction-0.2" / "seed-0").exists()  # no fine-tune run
+    assert (out / "results" / "none" / "polarity" / "fraction-0.2" / "seed-0").exists()
+    model, tokenizer = build_model(EncoderConfig(name="tiny", max_length=32), seed=0,
+                                   init=str(out / "methods" / "joint" / "fraction-0.2" / "seed-0" / "final"))
+    task = build_tasks(["polarity"], tokenizer, data=DataConfig(cache_dir=None), max_length=32)["polarity"]
+    split = next(iter(result["scores"]))
+    expected = evaluate(model.eval(), task, split)
+    for metric, value in result["scores"][split].items():
+        assert value == pytest.approx(expected[metric], rel=1e-5, abs=1e-6)
+    assert {r["scored"] for r in rows if r["method"] == "joint"} == {"stage heads"}
+    assert {r["scored"] for r in rows if r["method"] == "none"} == {"fine-tuned"}
+    assert "score: heads" in paths["markdown"].read_text() and "joint" in paths["markdown"].read_text()
+
+
+def test_score_heads_needs_a_stage_listing_every_target(tmp_path):
+    from metalm.experiments.runner import run_experiment
+
+    with pytest.raises(ConfigError, match="score: heads needs a train stage"):
+        _heads_experiment(tmp_path, methods=[{"name": "none", "score": "heads"}])
+    cfg = _heads_experiment(tmp_path, methods=[{"name": "j", "score": "heads", "train": {"tasks": ["simlex"],
+                                                                                         "steps": 1}}])
+    with pytest.raises(ConfigError, match="does not list the target"):
+        run_experiment(cfg, progress=False)

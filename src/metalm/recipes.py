@@ -27,6 +27,7 @@ from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.evaluate import CONSTANT, evaluate
 from metalm.train.loop import train_loop
+from metalm.train.precision import autocast, check_precision
 
 
 # Settings that may differ when a run is resumed: where things are, and how often to log.
@@ -227,6 +228,38 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"), degenerate=degenerate,
                           rows_read=task.training_rows_read(),
                           selected_epoch=curve[chosen]["epoch"] if select else None)
+
+
+def score_heads(cfg: FinetuneConfig, *, initial: tuple, stage_rows: dict) -> FinetuneResult:
+    """Scores the stage model's own head of ``cfg.task`` on the scored splits, with no fine-tune
+    (Xue's protocol for her joint and Reptile models). The stage must have trained on exactly the
+    cell's training rows of the task (its ``stage.json``), so the score is leak-free as a fine-tune's.
+
+    Args:
+        initial: the stage's (model, tokenizer); the model is copied, not changed.
+        stage_rows: the stage's ``stage.json`` tasks; it must list ``cfg.task``.
+    """
+    spec = get_task_spec(cfg.task)
+    model = copy.deepcopy(initial[0])
+    if spec.name not in model.heads or stage_rows is None or spec.name not in stage_rows:
+        raise ConfigError(f"score: heads: the stage has no head trained on {spec.name}; list {spec.name} in "
+                          "the method's train.tasks")
+    task = build_tasks([spec], initial[1], data=cfg.data, max_length=cfg.encoder.max_length,
+                       pair_max_length=cfg.encoder.pair_max_length)[spec.name]
+    task = cell_task(task, seed=cfg.seed, fraction=None if cfg.per_class is not None else cfg.fraction,
+                     per_class=cfg.per_class)
+    check_stage_rows(spec.name, task.training_rows_read(), stage_rows)
+    model.to(resolve_device(cfg.device)).eval()
+    splits = tuple(cfg.finetune.eval_splits or spec.eval_splits)
+    scores, degenerate = {}, {}
+    with autocast(next(model.parameters()).device, check_precision(cfg.precision)):
+        for split in splits:
+            metrics = evaluate(model, task, split, flag_constant=True)
+            degenerate[split] = bool(metrics.pop(CONSTANT))
+            scores[split] = metrics
+    curve = [{"epoch": 0.0, **{f"{split}/{k}": v for split, m in scores.items() for k, v in m.items()}}]
+    return FinetuneResult(scores=scores, curve=curve, train_size=task.size("train"), degenerate=degenerate,
+                          rows_read=task.training_rows_read())
 
 
 def check_stage_rows(name: str, read: dict, stage_rows: dict | None) -> None:

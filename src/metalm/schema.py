@@ -346,6 +346,15 @@ class MethodConfig:
     """The training stage before fine-tuning; null: fine-tune the encoder as loaded."""
     init: str | None = None
     """Use an existing metalm model folder instead of training."""
+    score: Literal["finetune", "heads"] = "finetune"
+    """finetune: fine-tune on each target (a fresh head) and score that; heads: score the stage's
+    own head of each target on its scored splits directly, no fine-tune (Xue scores her joint and
+    Reptile models this way). heads needs a `train` stage that lists every target."""
+
+    def __post_init__(self):
+        if self.score == "heads" and (self.train is None or self.init is not None):
+            raise ConfigError(f"method {self.name!r}: score: heads needs a train stage (and no init) whose "
+                              "heads it scores")
 
 
 @dataclass(frozen=True)
