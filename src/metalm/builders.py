@@ -15,6 +15,7 @@ from metalm.models.encoder import load_encoder, resolve_pooling
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
+from metalm.tasks.spec import TaskSpec
 from metalm.tasks.spec import has_two_texts
 from metalm.tasks.task import Task, load_task
 from metalm.train.optim import build_optimizer, linear_warmup_decay, warmup_cosine_decay
@@ -80,7 +81,10 @@ def add_heads(model: MultiTaskModel, tasks: Mapping[str, Task], *, seed: int) ->
     for name, task in tasks.items():
         if name not in model.heads:
             torch.manual_seed(seed + sum(map(ord, name)))
-            model.add_task(name, task.kind, task.spec.num_labels)
+            spec = task.spec
+            options = {"head": spec.head, "pair": spec.pair_encoding,
+                       "cosine_scale": spec.cosine_scale} if isinstance(spec, TaskSpec) else {}  # objectives: none
+            model.add_task(name, task.kind, spec.num_labels, **options)
 
 
 def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, batch_size: int = 32):

@@ -189,9 +189,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
                           f"for validation at validation_fraction {settings.validation_fraction:g}")
     check_stage_rows(spec.name, task.training_rows_read(), stage_rows)
     if spec.name in model.heads and not settings.reuse_head:
-        del model.heads[spec.name]
-        model.kinds.pop(spec.name)
-        model.num_labels.pop(spec.name)
+        model.remove_task(spec.name)
     add_heads(model, {spec.name: task}, seed=cfg.seed)
     model.to(resolve_device(cfg.device))
     steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
