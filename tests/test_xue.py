@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -196,3 +198,28 @@ def test_score_heads_needs_a_stage_listing_every_target(tmp_path):
                                                                                          "steps": 1}}])
     with pytest.raises(ConfigError, match="does not list the target"):
         run_experiment(cfg, progress=False)
+
+
+def test_xue_protocol_end_to_end_with_bi_encoder_heads(tmp_path):
+    """Tiny encoder, gensim data: a bi-encoded regression target with Xue's Reptile (AdamW inside,
+    inner-lr decay, cosine meta schedule) scored by its own heads, and a fine-tuned single-task row."""
+    import json
+
+    from metalm.experiments.runner import run_experiment
+    from metalm.tasks.registry import get_task_spec
+
+    simlex = {f: getattr(get_task_spec("simlex"), f) for f in ("name", "kind", "header", "comment_prefix", "files",
+                                                                "columns", "metrics", "split_ratios")}
+    simlex = {**simlex, "pair_encoding": "bi", "cosine_scale": 10.0}
+    reptile = {"tasks": [simlex, "polarity"], "algorithm": "reptile", "steps": 3, "batch_size": 4, "inner_steps": 1,
+               "inner_optimizer": "adam", "inner_lr": 1e-3, "inner_lr_decay": 0.8, "inner_lr_decay_every": 2,
+               "optim": {"name": "sgd", "lr": 1.0, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "cosine"},
+               "checkpoint_every": 0, "evaluate": False}
+    cfg = _heads_experiment(tmp_path, targets=[simlex], methods=[{"name": "single"},
+                                                                 {"name": "reptile", "score": "heads", "train": reptile}])
+    rows, _ = run_experiment(cfg, progress=False)
+    out = tmp_path / "out"
+    heads = json.loads((out / "methods" / "reptile" / "fraction-0.2" / "seed-0" / "final" / "heads.json").read_text())
+    assert heads["tasks"]["simlex"]["pair"] == "bi" and heads["tasks"]["simlex"]["cosine_scale"] == 10.0
+    assert {(r["method"], r["scored"]) for r in rows} == {("single", "fine-tuned"), ("reptile", "stage heads")}
+    assert all(np.isfinite(r["value"]) for r in rows)
