@@ -15,9 +15,10 @@ from metalm.models.encoder import load_encoder, resolve_pooling
 from metalm.models.multitask import HEADS_META, MultiTaskModel, is_metalm_folder, load_heads
 from metalm.schema import DataConfig, EncoderConfig, ObjectiveConfig, OptimConfig, SamplerConfig, TaskRef
 from metalm.tasks.registry import get_task_spec
+from metalm.tasks.spec import TaskSpec
 from metalm.tasks.spec import has_two_texts
 from metalm.tasks.task import Task, load_task
-from metalm.train.optim import build_optimizer, linear_warmup_decay
+from metalm.train.optim import build_optimizer, linear_warmup_decay, warmup_cosine_decay
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,10 @@ def add_heads(model: MultiTaskModel, tasks: Mapping[str, Task], *, seed: int) ->
     for name, task in tasks.items():
         if name not in model.heads:
             torch.manual_seed(seed + sum(map(ord, name)))
-            model.add_task(name, task.kind, task.spec.num_labels)
+            spec = task.spec
+            options = {"head": spec.head, "pair": spec.pair_encoding,
+                       "cosine_scale": spec.cosine_scale} if isinstance(spec, TaskSpec) else {}  # objectives: none
+            model.add_task(name, task.kind, spec.num_labels, **options)
 
 
 def build_sampler(cfg: SamplerConfig, tasks: Mapping[str, Task], *, seed: int, batch_size: int = 32):
@@ -107,7 +111,8 @@ def build_optimization(model: torch.nn.Module, cfg: OptimConfig, *, steps: int):
     decay = cfg.weight_decay
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=decay, betas=tuple(cfg.betas), kind=cfg.name,
                                 head_lr=cfg.head_lr)
-    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
+    schedule = {"linear": linear_warmup_decay, "cosine": warmup_cosine_decay}[cfg.schedule]
+    scheduler = schedule(optimizer, total_steps=steps, warmup_steps=int(math.ceil(cfg.warmup_ratio * steps)))
     if cfg.name == "sgd" and decay > 0:
         lr = max(cfg.lr, cfg.head_lr or cfg.lr)  # the faster groups shrink the most
         kept = weight_decay_shrink(scheduler.lr_lambdas[0], lr=lr, weight_decay=decay, steps=steps)

@@ -27,6 +27,7 @@ from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.evaluate import CONSTANT, evaluate
 from metalm.train.loop import train_loop
+from metalm.train.precision import autocast, check_precision
 
 
 # Settings that may differ when a run is resumed: where things are, and how often to log.
@@ -83,7 +84,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
         "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr, "first_order": settings.first_order,
         "task_inner_steps": settings.task_inner_steps, "recompute_inner_steps": settings.recompute_inner_steps,
         "inner_optimizer": settings.inner_optimizer, "inner_betas": settings.inner_betas,
-        "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay}))
+        "inner_eps": settings.inner_eps, "inner_weight_decay": settings.inner_weight_decay,
+        "reduction": settings.loss_reduction, "inner_lr_decay": settings.inner_lr_decay,
+        "inner_lr_decay_every": settings.inner_lr_decay_every}))
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
                batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},
@@ -91,7 +94,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
-               precision=cfg.precision, group_by_length=settings.group_by_length)
+               precision=cfg.precision, group_by_length=settings.group_by_length,
+               all_tasks=settings.step_tasks == "all",
+               before_step=algorithm.at_step if settings.inner_lr_decay_every else None)
     if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))
@@ -199,9 +204,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
                           f"for validation at validation_fraction {settings.validation_fraction:g}")
     check_stage_rows(spec.name, task.training_rows_read(), stage_rows)
     if spec.name in model.heads and not settings.reuse_head:
-        del model.heads[spec.name]
-        model.kinds.pop(spec.name)
-        model.num_labels.pop(spec.name)
+        model.remove_task(spec.name)
     add_heads(model, {spec.name: task}, seed=cfg.seed)
     model.to(resolve_device(cfg.device))
     steps_per_epoch = math.ceil(task.size("train") / settings.batch_size)
@@ -255,6 +258,38 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True, tensorboard: boo
     return FinetuneResult(scores=final, curve=curve, train_size=task.size("train"), degenerate=degenerate,
                           rows_read=task.training_rows_read(),
                           selected_epoch=curve[chosen]["epoch"] if select else None)
+
+
+def score_heads(cfg: FinetuneConfig, *, initial: tuple, stage_rows: dict) -> FinetuneResult:
+    """Scores the stage model's own head of ``cfg.task`` on the scored splits, with no fine-tune
+    (Xue's protocol for her joint and Reptile models). The stage must have trained on exactly the
+    cell's training rows of the task (its ``stage.json``), so the score is leak-free as a fine-tune's.
+
+    Args:
+        initial: the stage's (model, tokenizer); the model is copied, not changed.
+        stage_rows: the stage's ``stage.json`` tasks; it must list ``cfg.task``.
+    """
+    spec = get_task_spec(cfg.task)
+    model = copy.deepcopy(initial[0])
+    if spec.name not in model.heads or stage_rows is None or spec.name not in stage_rows:
+        raise ConfigError(f"score: heads: the stage has no head trained on {spec.name}; list {spec.name} in "
+                          "the method's train.tasks")
+    task = build_tasks([spec], initial[1], data=cfg.data, max_length=cfg.encoder.max_length,
+                       pair_max_length=cfg.encoder.pair_max_length)[spec.name]
+    task = cell_task(task, seed=cfg.seed, fraction=None if cfg.per_class is not None else cfg.fraction,
+                     per_class=cfg.per_class)
+    check_stage_rows(spec.name, task.training_rows_read(), stage_rows)
+    model.to(resolve_device(cfg.device)).eval()
+    splits = tuple(cfg.finetune.eval_splits or spec.eval_splits)
+    scores, degenerate = {}, {}
+    with autocast(next(model.parameters()).device, check_precision(cfg.precision)):
+        for split in splits:
+            metrics = evaluate(model, task, split, flag_constant=True)
+            degenerate[split] = bool(metrics.pop(CONSTANT))
+            scores[split] = metrics
+    curve = [{"epoch": 0.0, **{f"{split}/{k}": v for split, m in scores.items() for k, v in m.items()}}]
+    return FinetuneResult(scores=scores, curve=curve, train_size=task.size("train"), degenerate=degenerate,
+                          rows_read=task.training_rows_read())
 
 
 def check_stage_rows(name: str, read: dict, stage_rows: dict | None) -> None:

@@ -110,7 +110,9 @@ class OptimConfig:
     0 for SGD, where it multiplies the weights by (1 − lr·weight_decay) every step: at Reptile's
     meta learning rate 1, 0.01 alone would shrink them by ~18% in 40 steps."""
     warmup_ratio: float = 0.1
-    """Fraction of steps of linear warmup, followed by linear decay to 0."""
+    """Fraction of steps of linear warmup, followed by the decay of `schedule` to 0."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Decay after warmup: linear, or a half cosine (torch's CosineAnnealingLR; Xue's meta scheduler)."""
     clip_norm: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
     name: Literal["adamw", "sgd"] = "adamw"
@@ -179,6 +181,11 @@ class TrainSettings:
     inner_betas: tuple[float, float] = (0.9, 0.999)
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.0
+    inner_lr_decay: float = 1.0
+    """reptile: multiply the inner learning rate by this every `inner_lr_decay_every` meta steps
+    (Xue, Table 1: 0.8 every 30)."""
+    inner_lr_decay_every: int = 0
+    """reptile: meta steps between inner-lr decays (0: a constant inner learning rate)."""
     objectives: tuple[ObjectiveConfig, ...] = ()
     """Pre-training objectives on corpora, trained as further tasks beside `tasks`."""
     task_inner_steps: dict[str, int] | None = None
@@ -191,6 +198,12 @@ class TrainSettings:
     """Examples per batch."""
     tasks_per_step: int = 1
     """Episodes per step: the meta-batch of tasks (Dou et al.: 8), gradients averaged."""
+    step_tasks: Literal["sampled", "all"] = "sampled"
+    """sampled: `tasks_per_step` episodes whose tasks the sampler draws; all: one episode (one
+    batch) of every task at every step, in task order, the sampler unused (Xue Eq. 1: every
+    task's loss at each step)."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """multitask: average (Xue Eq. 1's 1/N) or sum the episodes' losses of a step."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 10
@@ -205,6 +218,21 @@ class TrainSettings:
     group_by_length: bool = False
     """Batch rows of similar length together (pools of 50 batches sorted by length, batches shuffled):
     less padding, so more tokens/s on corpora of mixed sentence lengths."""
+
+    def __post_init__(self):
+        if self.step_tasks == "all" and self.tasks_per_step != 1:
+            raise ConfigError(f"train.tasks_per_step must be 1 with train.step_tasks: all (one episode of "
+                              f"every task per step), got {self.tasks_per_step}")
+        if not 0 < self.inner_lr_decay <= 1:
+            raise ConfigError(f"train.inner_lr_decay must be in (0, 1], got {self.inner_lr_decay}")
+        if self.inner_lr_decay_every < 0:
+            raise ConfigError(f"train.inner_lr_decay_every must be >= 0, got {self.inner_lr_decay_every}")
+        if self.inner_lr_decay_every and self.algorithm != "reptile":
+            raise ConfigError(f"train.inner_lr_decay_every applies to algorithm: reptile only, got "
+                              f"algorithm {self.algorithm!r}")
+        if self.loss_reduction != "mean" and self.algorithm != "multitask":
+            raise ConfigError(f"train.loss_reduction applies to algorithm: multitask only, got "
+                              f"algorithm {self.algorithm!r}")
 
 
 @dataclass(frozen=True)
@@ -350,6 +378,15 @@ class MethodConfig:
     """The training stage before fine-tuning; null: fine-tune the encoder as loaded."""
     init: str | None = None
     """Use an existing metalm model folder instead of training."""
+    score: Literal["finetune", "heads"] = "finetune"
+    """finetune: fine-tune on each target (a fresh head) and score that; heads: score the stage's
+    own head of each target on its scored splits directly, no fine-tune (Xue scores her joint and
+    Reptile models this way). heads needs a `train` stage that lists every target."""
+
+    def __post_init__(self):
+        if self.score == "heads" and (self.train is None or self.init is not None):
+            raise ConfigError(f"method {self.name!r}: score: heads needs a train stage (and no init) whose "
+                              "heads it scores")
 
 
 @dataclass(frozen=True)

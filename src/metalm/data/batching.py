@@ -31,6 +31,14 @@ def collate(columns: Mapping[str, Sequence], indices: Sequence[int], *, pad_id: 
     if "token_type_ids" in columns:
         batch["token_type_ids"] = torch.as_tensor(_padded(columns["token_type_ids"], indices, 0)[0],
                                                   dtype=torch.long)  # (B, T)
+    if "input_ids_b" in columns:  # bi-encoded pairs: the second texts, padded on their own
+        ids_b, lengths_b = _padded(columns["input_ids_b"], indices, pad_id)  # (B, T_b), (B,)
+        batch["input_ids_b"] = torch.as_tensor(ids_b, dtype=torch.long)
+        batch["attention_mask_b"] = (torch.arange(ids_b.shape[1])[None, :]
+                                     < torch.as_tensor(lengths_b)[:, None]).long()  # (B, T_b)
+        if "token_type_ids_b" in columns:
+            batch["token_type_ids_b"] = torch.as_tensor(_padded(columns["token_type_ids_b"], indices, 0)[0],
+                                                        dtype=torch.long)  # (B, T_b)
     labels = columns["labels"]
     if hasattr(labels, "padded") or isinstance(labels[indices[0]], list):
         batch["labels"] = torch.as_tensor(_padded(labels, indices, IGNORE_INDEX)[0], dtype=torch.long)  # (B, T)

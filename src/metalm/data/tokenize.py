@@ -17,8 +17,10 @@ CHUNK = 2048
 
 
 def tokenize_records(records: Sequence[Record], tokenizer, *, max_length: int, token_level: bool,
-                     desc: str = "tokenise") -> dict[str, list]:
-    """Columns ``input_ids``, ``token_type_ids`` (when the tokenizer has them) and ``labels``."""
+                     desc: str = "tokenise", separate_pair: bool = False) -> dict[str, list]:
+    """Columns ``input_ids``, ``token_type_ids`` (when the tokenizer has them) and ``labels``; with
+    ``separate_pair`` (bi-encoders) ``text_b`` is encoded on its own into ``input_ids_b`` (and
+    ``token_type_ids_b``) instead of after ``text_a``."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     starts = range(0, len(records), CHUNK)
     for start in tqdm(starts, desc=desc, disable=len(records) < 4 * CHUNK or None, leave=False):
@@ -31,6 +33,12 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, max_length: int, t
         else:
             first = [r["text_a"] for r in chunk]
             second = [r["text_b"] for r in chunk] if "text_b" in chunk[0] else None
+            if separate_pair and second is not None:
+                enc_b = tokenizer(second, truncation=True, max_length=max_length)
+                columns.setdefault("input_ids_b", []).extend(enc_b["input_ids"])
+                if "token_type_ids" in enc_b:
+                    columns.setdefault("token_type_ids_b", []).extend(enc_b["token_type_ids"])
+                second = None
             enc = tokenizer(first, second, truncation=True, max_length=max_length)
             columns["labels"].extend(r["label"] for r in chunk)
         columns["input_ids"].extend(enc["input_ids"])

@@ -22,7 +22,7 @@ from metalm.experiments.references import task_references
 from metalm.experiments.report import study_warnings, write_reports
 from metalm.experiments.stats import aggregate, budget_label
 from metalm.experiments.sampler_plots import plot_sampler_histories
-from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_train
+from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_train, score_heads
 from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, SubsampleConfig,
                            TrainConfig)
 from metalm.tasks.registry import get_task_spec
@@ -147,7 +147,11 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     finetune = target_finetune(cfg, specs)
     for method in cfg.methods:
         if method.train is not None:
-            stage_targets(method, specs)  # refuse a leaking stage before anything runs
+            listed = stage_targets(method, specs)  # refuse a leaking stage before anything runs
+            missing = [s.name for s in specs if s.name not in listed]
+            if method.score == "heads" and missing:
+                raise ConfigError(f"method {method.name!r}: score: heads scores the stage's own heads, but "
+                                  f"train.tasks does not list the target(s) {', '.join(missing)}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
@@ -179,7 +183,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
         for split, metrics in result["scores"].items():
             for metric, value in metrics.items():
                 rows.append({**cell, "split": split, "metric": metric, "value": value,
-                             "train_size": result["train_size"],
+                             "train_size": result["train_size"], "scored": result.get("scored", "fine-tuned"),
                              "degenerate": bool(result.get("degenerate", {}).get(split, False))})
     bar.close()
     return rows, _report(cfg, specs, finetune, rows, curves)
@@ -201,8 +205,12 @@ def _fine_tune_cell(cfg: ExperimentConfig, method: MethodConfig, spec, finetune:
                             fraction=budget.fraction if budget.fraction is not None else 1.0,
                             per_class=budget.per_class, seed=seed, device=cfg.device, precision=cfg.precision,
                             output_dir=str(path.with_suffix("")), save_model=False)
-    res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=loaded[key], stage_rows=stage_rows)
-    return {"scores": res.scores, "curve": res.curve, "train_size": res.train_size, "degenerate": res.degenerate,
+    if method.score == "heads":  # the stage's own head, no fine-tune (Xue)
+        res = score_heads(ft_cfg, initial=loaded[key], stage_rows=stage_rows)
+    else:
+        res = run_finetune(ft_cfg, progress=False, tensorboard=False, initial=loaded[key], stage_rows=stage_rows)
+    return {"scored": "stage heads" if method.score == "heads" else "fine-tuned", "scores": res.scores,
+            "curve": res.curve, "train_size": res.train_size, "degenerate": res.degenerate,
             "rows_read": res.rows_read, "selected_epoch": res.selected_epoch,
             "stage": None if stage is None else {"folder": str(stage.folder), "seed": stage.seed,
                                                  "rows_read": {t: stage_rows[t] for t in stage.subsample}}}
@@ -261,6 +269,9 @@ def _note(cfg: ExperimentConfig) -> str:
     if any(m.train is not None and m.init is None for m in cfg.methods):
         note += ("; stages: one per seed (stage_seeds: per_seed)" if cfg.stage_seeds == "per_seed"
                  else f"; stages: one per method, seed {cfg.stage_seed} (stage_seeds: shared)")
+    heads = [m.name for m in cfg.methods if m.score == "heads"]
+    if heads:
+        note += ("; scored by their stage's own heads, without fine-tuning (score: heads): " + ", ".join(heads))
     if cfg.notes:
         note += "\n\n" + cfg.notes.strip()
     return note

@@ -42,14 +42,22 @@ class Algorithm(Protocol):
 
 
 class MultiTask:
-    """Joint multi-task training: the mean query loss over the episodes, backpropagated."""
+    """Joint multi-task training: the mean (or, with ``reduction="sum"``, the sum) of the
+    episodes' query losses, backpropagated. With one episode of every task per step (the loop's
+    ``all_tasks``) this is Xue's Eq. 1 with λ_i = 1."""
 
     support_batches = 0
 
+    def __init__(self, *, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected mean or sum, got {reduction!r}")
+        self.reduction = reduction
+
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         total = 0.0
+        scale = len(episodes) if self.reduction == "mean" else 1
         for episode in episodes:
-            loss = model.loss(episode.task, episode.query) / len(episodes)
+            loss = model.loss(episode.task, episode.query) / scale
             loss.backward()
             total += loss.item()
         return {"loss": total}

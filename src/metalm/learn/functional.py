@@ -226,7 +226,8 @@ def episode_vocabulary(model: nn.Module, params: Params, batches: Sequence[Batch
     name = next((n for n, p in params.items() if p is emb.weight), None)
     if name is None or sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         return unchanged
-    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches])
+    id_keys = ("input_ids", "input_ids_b")  # a bi-encoded pair's second texts index E too
+    ids = torch.cat([b[k].reshape(-1) for b in batches for k in id_keys if k in b])
     rows = torch.unique(ids)  # (U,) sorted
     pad = emb.padding_idx
     if pad is not None:  # the padding row goes to index `pad` of E_c, where F.embedding expects it
@@ -237,7 +238,7 @@ def episode_vocabulary(model: nn.Module, params: Params, batches: Sequence[Batch
     lookup = torch.full((emb.num_embeddings,), -1, dtype=ids.dtype, device=ids.device)  # (V,)
     lookup[rows] = torch.arange(len(rows), dtype=ids.dtype, device=ids.device)
     compact = params[name].index_select(0, rows)  # (U, H)
-    return {**params, name: compact}, [{**b, "input_ids": lookup[b["input_ids"]]} for b in batches]
+    return {**params, name: compact}, [{**b, **{k: lookup[b[k]] for k in id_keys if k in b}} for b in batches]
 
 
 def accumulate_grads(params: Params, grads: Params) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from metalm.learn.functional import mean_losses, Params, accumulate_grads, adapt_with_losses, task_loss_fn, trainable_params
-from metalm.learn.inner_optim import build_inner_optimizer
+from metalm.learn.inner_optim import build_inner_optimizer, step_decay_lr, with_lr
 
 if TYPE_CHECKING:  # only for annotations: algorithms.py imports this module to register it
     from metalm.learn.algorithms import Episode
@@ -74,11 +74,14 @@ class Reptile:
         inner_steps: k, the inner SGD steps per episode (one support batch each).
         task_inner_steps: task -> its own k (Xue, Table 1: sst 4, para 4, sts 8); others use ``inner_steps``.
         inner_optimizer: ``sgd`` or ``adam`` (AdamW with ``inner_weight_decay``; Xue's inner optimiser).
+        inner_lr_decay, inner_lr_decay_every: the inner learning rate at meta step t is
+            ``inner_lr · decay^⌊t / every⌋`` (Xue, Table 1: 0.8 every 30); ``at_step`` sets t.
     """
 
     def __init__(self, *, inner_lr: float = 1e-3, inner_steps: int = 5, task_inner_steps: dict | None = None,
                  inner_optimizer: str = "sgd", inner_betas: tuple[float, float] = (0.9, 0.999),
-                 inner_eps: float = 1e-8, inner_weight_decay: float = 0.0):
+                 inner_eps: float = 1e-8, inner_weight_decay: float = 0.0, inner_lr_decay: float = 1.0,
+                 inner_lr_decay_every: int = 0):
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if inner_steps < 1:
@@ -89,8 +92,18 @@ class Reptile:
         self.task_inner_steps = dict(task_inner_steps or {})
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
                                                      weight_decay=inner_weight_decay)
+        if not 0 < inner_lr_decay <= 1 or inner_lr_decay_every < 0:
+            raise ValueError(f"inner_lr_decay must be in (0, 1] and inner_lr_decay_every >= 0, got "
+                             f"{inner_lr_decay} and {inner_lr_decay_every}")
+        self.base_inner_lr, self.inner_lr_decay, self.inner_lr_decay_every = inner_lr, inner_lr_decay, inner_lr_decay_every
         if any(k < 1 for k in self.task_inner_steps.values()):
             raise ValueError(f"task_inner_steps must be >= 1, got {self.task_inner_steps}")
+
+    def at_step(self, step: int) -> None:
+        """Sets the inner learning rate for meta step ``step`` (0-based; the loop's ``before_step``)."""
+        self.inner_lr = step_decay_lr(self.base_inner_lr, decay=self.inner_lr_decay,
+                                      every=self.inner_lr_decay_every, step=step)
+        self.inner_optimizer = with_lr(self.inner_optimizer, self.inner_lr)
 
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds ``θ − mean_i θ_i^(k)`` into ``.grad``; returns ``loss`` and ``support_loss``."""

@@ -39,20 +39,40 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.kinds: dict[str, str] = {}
         self.num_labels: dict[str, int] = {}
+        self.head_options: dict[str, dict] = {}
+        """Task -> {head, pair, cosine_scale} of heads other than a linear one over one sequence."""
 
     @property
     def hidden_size(self) -> int:
         return self.encoder.config.hidden_size
 
-    def add_task(self, name: str, kind: str, num_labels: int) -> None:
-        """Adds a freshly initialised head (no-op if a head of the same shape exists)."""
+    def add_task(self, name: str, kind: str, num_labels: int, *, head: str = "linear", pair: str = "cross",
+                 cosine_scale: float = 5.0) -> None:
+        """Adds a freshly initialised head (no-op if a head of the same shape exists).
+
+        Args:
+            head: ``linear`` or ``mlp`` (``kinds.make_head``).
+            pair: ``cross`` (one sequence of both texts) or ``bi`` (each text encoded and pooled alone).
+            cosine_scale: ``bi`` regression: predictions are ``cosine_scale · relu(cos)``.
+        """
+        options = {} if (head, pair) == ("linear", "cross") else {"head": head, "pair": pair,
+                                                                   "cosine_scale": cosine_scale}
         if name in self.heads:
-            if self.kinds[name] != kind or self.num_labels[name] != num_labels:
+            if self.kinds[name] != kind or self.num_labels[name] != num_labels or self.head_options.get(name, {}) != options:
                 raise ValueError(f"task {name}: a head of another kind/size exists")
             return
-        self.heads[name] = make_head(kind, self.hidden_size, num_labels)
+        self.heads[name] = make_head(kind, self.hidden_size, num_labels, head=head, pair=pair,
+                                     cosine_scale=cosine_scale)
         self.kinds[name] = kind
         self.num_labels[name] = num_labels
+        if options:
+            self.head_options[name] = options
+
+    def remove_task(self, name: str) -> None:
+        del self.heads[name]
+        self.kinds.pop(name)
+        self.num_labels.pop(name)
+        self.head_options.pop(name, None)
 
     def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits of ``task``'s head: (B, C) per sentence or (B, T, C) per token; pre-training kinds:
@@ -61,6 +81,11 @@ class MultiTaskModel(nn.Module):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if kind == "contrastive":  # SimCSE: two dropout views of every sentence in one pass
             inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}  # (2B, T)
+        if self.head_options.get(task, {}).get("pair") == "bi":  # siamese: each text alone, then the head
+            second = {k: batch[f"{k}_b"] for k in ("input_ids", "attention_mask", "token_type_ids") if f"{k}_b" in batch}
+            u = self._pool(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])  # (B, H)
+            v = self._pool(self.encoder(**second).last_hidden_state, second["attention_mask"])  # (B, H)
+            return self.heads[task](u, v)  # (B, C) or (B,)
         hidden = self.encoder(**inputs).last_hidden_state  # (B, T, H)
         if kind == "mlm":  # project only the masked positions onto the (tied) vocabulary
             masked = hidden[batch["labels"] != IGNORE_INDEX]  # (N, H)
@@ -94,8 +119,8 @@ class MultiTaskModel(nn.Module):
             tokenizer.save_pretrained(folder / "encoder")
         state = {k: v.contiguous() for k, v in self.heads.state_dict().items()}
         save_file(state, str(folder / HEADS_FILE))
-        meta = {"pooling": self.pooling, "tasks": {n: {"kind": self.kinds[n], "num_labels": self.num_labels[n]}
-                                                    for n in self.heads}}
+        meta = {"pooling": self.pooling, "tasks": {n: {"kind": self.kinds[n], "num_labels": self.num_labels[n],
+                                                        **self.head_options.get(n, {})} for n in self.heads}}
         (folder / HEADS_META).write_text(json.dumps(meta, indent=1))
 
 
@@ -108,6 +133,7 @@ def load_heads(model: MultiTaskModel, folder: str | Path) -> None:
     folder = Path(folder)
     meta = json.loads((folder / HEADS_META).read_text())
     for name, info in meta["tasks"].items():
-        model.add_task(name, info["kind"], info["num_labels"])
+        model.add_task(name, info["kind"], info["num_labels"], head=info.get("head", "linear"),
+                       pair=info.get("pair", "cross"), cosine_scale=info.get("cosine_scale", 5.0))
     if meta["tasks"]:
         model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))

@@ -13,16 +13,23 @@ from torch import nn
 IGNORE_INDEX = -100  # token positions without a label (sub-word continuations, special tokens, padding)
 
 
-def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 0.1) -> nn.Module:
-    """A dropout + linear head; sentence kinds read a pooled vector, token kinds every position."""
+def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 0.1, head: str = "linear",
+              pair: str = "cross", cosine_scale: float = 5.0) -> nn.Module:
+    """A dropout + linear head (``head="mlp"``: a 2-layer GELU MLP); sentence kinds read a pooled
+    vector, token kinds every position; ``pair="bi"`` heads read two pooled vectors (u, v)."""
     if kind == "mlm":  # pre-training objectives (metalm.objectives): num_labels is the vocabulary size
         from metalm.objectives.heads import MaskedLMHead
         return MaskedLMHead(hidden_size, num_labels)
     if kind == "contrastive":
         from metalm.objectives.heads import contrastive_head
         return contrastive_head(hidden_size)
+    from metalm.tasks.pair_heads import CosineRegressionHead, PairClassificationHead, sentence_head
+    if pair == "bi":
+        if kind == "regression":
+            return CosineRegressionHead(hidden_size, scale=cosine_scale)
+        return PairClassificationHead(hidden_size, num_labels, mlp=head == "mlp", dropout=dropout)
     out = 1 if kind == "regression" else num_labels
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, out))
+    return sentence_head(hidden_size, out, mlp=head == "mlp", dropout=dropout)
 
 
 def is_token_level(kind: str) -> bool:

@@ -75,8 +75,24 @@ class TaskSpec:
     encoding: str = "utf-8"
     """Text encoding of the task's files."""
     description: str = ""
+    pair_encoding: Literal["cross", "bi"] = "cross"
+    """Tasks with two texts: cross, one sequence of both (a cross-encoder); bi, each text encoded and
+    pooled on its own (a siamese bi-encoder) and the head reads the two embeddings (Xue §4.1):
+    pair_classification from [u, v], regression as `cosine_scale` · relu(cos(W u, W v))."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Sentence kinds: dropout + linear, or dropout + a 2-layer MLP with GELU (Xue's task heads)."""
+    cosine_scale: float = 5.0
+    """regression with pair_encoding bi: the label scale the cosine is stretched to (STS 0-5: 5)."""
 
     def __post_init__(self):
+        if self.pair_encoding == "bi" and (self.kind not in ("pair_classification", "regression")
+                                           or "text_b" not in self.columns):
+            raise cfg.ConfigError(f"task {self.name}: pair_encoding bi needs kind pair_classification or "
+                                  f"regression with columns.text_b, got kind {self.kind}")
+        if self.head == "mlp" and self.kind == "token_classification":
+            raise cfg.ConfigError(f"task {self.name}: head mlp applies to sentence kinds, not token_classification")
+        if not self.cosine_scale > 0:
+            raise cfg.ConfigError(f"task {self.name}: cosine_scale must be > 0, got {self.cosine_scale}")
         if self.kind in ("classification", "pair_classification", "token_classification") and not self.labels:
             raise cfg.ConfigError(f"task {self.name}: kind {self.kind} needs a list of labels")
         if self.kind != "token_classification" and self.format != "hub" and "text_a" not in self.columns \

@@ -157,16 +157,26 @@ def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path |
     tok_id = tokenizer_fingerprint(tokenizer)
     loaded = {}
     for split in wanted:
-        key = {"spec": to_dict(spec), "split": split, "source": source, "tokenizer": tok_id,
+        key = {"spec": _tokenized_spec(spec), "split": split, "source": source, "tokenizer": tok_id,
                "max_length": max_length, "files": _digests(spec, root, glue, source)}
 
         def build(split=split):
             records = read_split(spec, split, root=root, glue=glue, source=source)
             return tokenize_records(records, tokenizer, max_length=max_length,
-                                    token_level=is_token_level(spec.kind), desc=f"{spec.name}/{split}")
+                                    token_level=is_token_level(spec.kind), desc=f"{spec.name}/{split}",
+                                    separate_pair=spec.pair_encoding == "bi")
 
         loaded[split] = cached_columns(key, build, cache_dir)
     return Task(spec=spec, splits=loaded, pad_id=tokenizer.pad_token_id or 0)
+
+
+def _tokenized_spec(spec: TaskSpec) -> dict:
+    """The spec as the cache key sees it: head options leave the tokens alone, and a cross-encoded
+    pair keeps the key it had before ``pair_encoding`` existed."""
+    key = {k: v for k, v in to_dict(spec).items() if k not in ("head", "cosine_scale")}
+    if key.get("pair_encoding") == "cross":
+        del key["pair_encoding"]
+    return key
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -54,7 +54,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                progress: bool = True, on_step: Callable[[int], None] | None = None,
                tensorboard: bool = True, precision: str = "fp32",
                group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
-               stop: Callable[[list[dict]], bool] | None = None) -> LoopResult:
+               stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
+               before_step: Callable[[int], None] | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -67,6 +68,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         group_by_length: batches of rows of similar length (``BatchStream`` with ``lengths``), less padding.
         evaluator: ``(model, task, split) -> {metric: value}`` for each evaluation (default ``evaluate``).
         stop: called with the evaluations so far after each one; True ends the run there (early stopping).
+        all_tasks: one episode of every task at each step, in task order, instead of ``tasks_per_step``
+            sampled ones (Xue Eq. 1); the sampler still receives ``update`` but draws nothing.
+        before_step: called with the number of steps done before each step (also after a resume),
+            e.g. ``Reptile.at_step`` for a decaying inner learning rate.
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
@@ -91,7 +96,12 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             with mixed():
                 _meta_test(sampler, model, tasks, 0)
         for step in bar:
-            episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
+            if before_step is not None:
+                before_step(step)
+            if all_tasks:
+                episodes = [_episode(sampler, tasks, streams, algorithm, device, name=n) for n in tasks]
+            else:
+                episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
             optimizer.zero_grad(set_to_none=True)
             with mixed():
                 stats = algorithm.step(model, episodes)
@@ -131,15 +141,16 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
 
 
 def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream],
-             algorithm: Algorithm, device: torch.device) -> Episode:
+             algorithm: Algorithm, device: torch.device, name: str | None = None) -> Episode:
     """Support batches then one query batch, different batches of the episode's task (Dou §2.2);
-    with cross-task support each support batch's task is drawn from the sampler (Lv et al.)."""
+    with cross-task support each support batch's task is drawn from the sampler (Lv et al.).
+    ``name`` fixes the episode's task instead of drawing it."""
     k = algorithm.support_batches
     cross_task = getattr(algorithm, "cross_task_support", False)
     if cross_task:
         names = [sampler.sample() for _ in range(k + 1)]
     else:
-        name = sampler.sample()
+        name = sampler.sample() if name is None else name
         names = [name] * (getattr(algorithm, "task_inner_steps", {}).get(name, k) + 1)
     batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -62,5 +64,19 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, *, total_steps: int,
             return (step + 1) / warmup_steps
         remaining = total_steps - step
         return max(0.0, remaining / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_cosine_decay(optimizer: torch.optim.Optimizer, *, total_steps: int,
+                        warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr × step/warmup during warmup, then a half cosine to 0 at ``total_steps``; with no warmup,
+    torch's ``CosineAnnealingLR(T_max=total_steps)`` (Xue's meta scheduler, her Table 1)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
