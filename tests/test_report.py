@@ -267,3 +267,22 @@ def test_write_reports_rejects_a_reference_without_a_value(tmp_path):
                       references=[{"reference": "majority class", "target": "rte", "split": "dev",
                                    "metric": "accuracy"}])
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_every_metric_gets_a_table_with_differences_and_a_plot(tmp_path):
+    rows = (_rows(BASE, {0: 0.80, 1: 0.82, 2: 0.81}, target="mrpc", metric="f1")
+            + _rows("steady", {0: 0.84, 1: 0.85, 2: 0.86}, target="mrpc", metric="f1")
+            + _rows(BASE, {0: 0.70, 1: 0.72, 2: 0.74}, target="mrpc", metric="accuracy")
+            + _rows("steady", {0: 0.75, 1: 0.78, 2: 0.79}, target="mrpc", metric="accuracy"))
+    paths = write_reports(rows, tmp_path, headline={"mrpc": ("dev", "f1")}, methods=[BASE, "steady"], title="t",
+                          metrics={"mrpc": ["f1", "accuracy"]}, references=[_majority("mrpc", "accuracy", 0.684)])
+    table = (tmp_path / "results.md").read_text()
+    first, second = table.split("### Other metrics: mrpc accuracy")
+    assert "| method | mrpc f1 @10% |" in first and "accuracy @" not in first
+    cells = _table_cells(second)
+    assert cells[BASE] == ["72.0 ± 2.0"]
+    # differences 0.05, 0.06, 0.05: mean 5.33, sd 0.577 -> ± t * 0.333
+    half = T_975_DF2 * math.sqrt(1 / 3) / math.sqrt(3) * 1
+    assert cells["steady"] == [f"77.3 ± 2.1 (Δ +5.3 [+{5.333 - half:.1f}, +{5.333 + half:.1f}])*"]
+    assert cells["*majority class*"] == ["68.4"]
+    assert paths["plot-2"] == tmp_path / "scores-2.png" and paths["plot-2"].read_bytes()[:4] == b"\x89PNG"

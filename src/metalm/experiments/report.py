@@ -177,9 +177,21 @@ def _floor(references: Sequence[dict], target: str, split: str, metric: str) -> 
     return None
 
 
+def other_metrics(headline: dict[str, tuple[str, str]], metrics: dict[str, Sequence[str]]) -> list[dict]:
+    """The headline-like maps of every further metric: the i-th of them shows each target's
+    (i+1)-th metric on its headline split (targets with fewer metrics drop out)."""
+    out = []
+    for i in range(1, max((len(m) for m in metrics.values()), default=0)):
+        extra = {t: (headline[t][0], metrics[t][i]) for t in headline if t in metrics and len(metrics[t]) > i}
+        if extra:
+            out.append(extra)
+    return out
+
+
 def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[str, tuple[str, str]],
                   methods: Sequence[str], title: str, note: str = "", curves: Sequence[dict] = (),
-                  baseline: str | None = None, references: Sequence[dict] = ()) -> dict[str, Path]:
+                  baseline: str | None = None, references: Sequence[dict] = (),
+                  metrics: dict[str, Sequence[str]] | None = None) -> dict[str, Path]:
     """Writes results.md, results.csv, differences.csv, results.json, scores.png and, when runs were
     scored after more than one epoch, curves.png; returns their paths.
 
@@ -193,6 +205,8 @@ def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[s
             depend on the budget (majority class, constant mean, zero-shot cosine, ...).
         curves: ``{"method", "target", "fraction" | "per_class", "seed", "curve": [{"epoch",
             "<split>/<metric>"}]}``.
+        metrics: target -> its metrics, the headline first; each further metric gets a table of its
+            own in results.md (with differences and references) and a plot ``scores-<n>.png``.
     """
     rows, references = list(rows), check_references(references)
     baseline = baseline or methods[0]
@@ -207,6 +221,11 @@ def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[s
     paths = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv",
              "differences": out_dir / "differences.csv", "json": out_dir / "results.json",
              "plot": out_dir / "scores.png"}
+    extras = other_metrics(headline, metrics or {})
+    for i, extra in enumerate(extras, start=2):
+        names = ", ".join(f"{t} {m}" for t, (_, m) in extra.items())
+        table += "\n\n" + markdown_table(summary, headline=extra, methods=methods, title=f"Other metrics: {names}",
+                                         baseline=baseline, differences=differences, references=references)
     write_text_atomic(paths["markdown"], table + "\n")
     write_text_atomic(paths["csv"], _csv(summary, SUMMARY_FIELDS))
     write_text_atomic(paths["differences"], _csv([_flat_difference(d) for d in differences], DIFFERENCE_FIELDS))
@@ -214,6 +233,9 @@ def write_reports(rows: Sequence[dict], out_dir: str | Path, *, headline: dict[s
                "references": references, "warnings": warnings, "runs": rows}
     write_text_atomic(paths["json"], json.dumps(results, indent=1))
     plot_scores(summary, paths["plot"], headline=headline, methods=methods, title=title, references=references)
+    for i, extra in enumerate(extras, start=2):
+        paths[f"plot-{i}"] = out_dir / f"scores-{i}.png"
+        plot_scores(summary, paths[f"plot-{i}"], headline=extra, methods=methods, title=title, references=references)
     if any(len(c["curve"]) > 1 for c in curves):
         paths["curves"] = out_dir / "curves.png"
         plot_curves(curves, paths["curves"], headline=headline, methods=methods, title=title)

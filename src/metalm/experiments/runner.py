@@ -224,7 +224,8 @@ def _report(cfg: ExperimentConfig, specs, finetune, rows: list[dict], curves: li
     baseline = cfg.baseline or names[0]
     note = _note(cfg)
     paths = write_reports(rows, out, headline=headline, methods=names, title=cfg.title, note=note, curves=curves,
-                          baseline=baseline, references=references)
+                          baseline=baseline, references=references,
+                          metrics={s.name: list(s.metrics) for s in specs})
     for warning in study_warnings(aggregate(rows), baseline=baseline, headline=headline, references=references):
         print(f"metalm: warning: {warning}", file=sys.stderr)
     # Adaptive samplers' weights and rewards (Wu et al. Figs. 2-3); uniform = MOMETAS with β = 0.
