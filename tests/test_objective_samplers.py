@@ -170,6 +170,10 @@ def test_mometas_run_resumes_bit_exactly(tmp_path: Path, data_root: Path):
     history_a = json.loads((tmp_path / "a" / "sampler.json").read_text())["history"]
     history_b = json.loads((tmp_path / "b" / "sampler.json").read_text())["history"]
     assert history_a == history_b and len(history_a) == 5  # baseline + a meta-test every 2 of 8 steps
+    # The whole sampler state (generator, ψ, baseline losses of the sampled, dropout-seeded meta-test).
+    final_a = json.loads((tmp_path / "a" / "checkpoints" / "step-0000008" / "state.json").read_text())["sampler"]
+    final_b = json.loads((tmp_path / "b" / "checkpoints" / "step-0000008" / "state.json").read_text())["sampler"]
+    assert final_a == final_b
     assert history_a[-1]["new_probabilities"] != history_a[0]["new_probabilities"]
 
 
