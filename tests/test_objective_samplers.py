@@ -29,6 +29,11 @@ def test_rewards_by_hand():
     assert reward(b, a, kind="relative") == pytest.approx(0.5 / 2 - 1 / 4 + 0)  # Eq. 3
     assert reward(b, a, kind="hard") == 1 - 1 + 0
     assert reward(b, a, kind="overall") == pytest.approx(-7.5)
+    # An objective without a finite loss (an empty validation batch) or a 0 baseline is left out.
+    b2, a2 = {**b, "w": float("nan"), "v": 0.0}, {**a, "w": 3.0, "v": 0.5}
+    assert reward(b2, a2, kind="relative") == pytest.approx(0.5 / 2 - 1 / 4)
+    assert reward(b2, a2, kind="hard") == 1 - 1 + 0 - 1  # v rose from 0
+    assert reward(b2, {**a2, "x": float("nan")}, kind="overall") == pytest.approx(-(5.0 + 1.0 + 3.0 + 0.5))
 
 
 def test_mometas_update_matches_a_hand_computation_of_eqs_2_to_4():
@@ -170,6 +175,10 @@ def test_mometas_run_resumes_bit_exactly(tmp_path: Path, data_root: Path):
     history_a = json.loads((tmp_path / "a" / "sampler.json").read_text())["history"]
     history_b = json.loads((tmp_path / "b" / "sampler.json").read_text())["history"]
     assert history_a == history_b and len(history_a) == 5  # baseline + a meta-test every 2 of 8 steps
+    # The whole sampler state (generator, ψ, baseline losses of the sampled, dropout-seeded meta-test).
+    final_a = json.loads((tmp_path / "a" / "checkpoints" / "step-0000008" / "state.json").read_text())["sampler"]
+    final_b = json.loads((tmp_path / "b" / "checkpoints" / "step-0000008" / "state.json").read_text())["sampler"]
+    assert final_a == final_b
     assert history_a[-1]["new_probabilities"] != history_a[0]["new_probabilities"]
 
 

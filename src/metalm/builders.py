@@ -163,5 +163,5 @@ def build_objectives(objectives: Sequence[ObjectiveConfig], tokenizer, *, data: 
                                    max_documents=corpus.max_documents, max_sentences=corpus.max_sentences,
                                    min_chars=corpus.min_chars, max_length=max_length, cache_dir=data.cache_dir,
                                    tokenizer_id=tok_id, mask_prob=cfg.mask_prob, whole_word=cfg.whole_word,
-                                   entity_prob=cfg.entity_prob)
+                                   entity_prob=cfg.entity_prob, all_mask=cfg.all_mask)
     return out

@@ -157,6 +157,8 @@ class ObjectiveConfig:
     """mlm: masking rate; atd: insertion rate; dtd: deletion rate."""
     whole_word: bool = False
     """mlm: mask whole words."""
+    all_mask: bool = False
+    """mlm: every chosen token becomes [MASK] (Wu et al. §4.1) instead of BERT's 80/10/10 [MASK]/random/kept."""
     entity_prob: float = 0.5
     """emlm: fraction of entities masked."""
 

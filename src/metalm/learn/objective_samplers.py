@@ -28,8 +28,13 @@ def reward(before: Mapping[str, float], after: Mapping[str, float], *, kind: Rew
 
     ``relative``: Σᵢ (bᵢ − aᵢ)/bᵢ (Eq. 3); ``hard``: Σᵢ sign(bᵢ − aᵢ) (±1 per objective);
     ``overall``: −Σᵢ aᵢ, the opposite of the summed loss (their Table 3 "overall").
+
+    An objective whose loss is not finite in either meta-test (a sampled validation batch with no
+    prediction position, e.g. EMLM rows without entities) or, for ``relative``, whose baseline is
+    0, carries no signal this time and is left out of the sum.
     """
-    names = list(after)
+    names = [n for n in after if np.isfinite(after[n]) and (kind == "overall" or np.isfinite(before[n]))
+             and (kind != "relative" or before[n] != 0)]
     if kind == "relative":
         return float(sum((before[n] - after[n]) / before[n] for n in names))
     if kind == "hard":

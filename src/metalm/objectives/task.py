@@ -82,12 +82,13 @@ class ObjectiveTask:
         max_length: sequence length with special tokens.
         mask_prob: MLM masking rate; ATD insertion and DTD deletion rate.
         whole_word: MLM chooses whole words.
+        all_mask: MLM replaces every chosen token by [MASK] (Wu §4.1), not BERT's 80/10/10.
         entity_prob: EMLM: the fraction of entities masked.
     """
 
     def __init__(self, *, name: str, objective: str, splits: dict[str, dict[str, list]], vocab: Vocabulary,
                  seed: int, max_length: int, mask_prob: float = 0.15, whole_word: bool = False,
-                 entity_prob: float = 0.5):
+                 entity_prob: float = 0.5, all_mask: bool = False):
         if objective not in HEAD_KINDS:
             raise ValueError(f"unknown objective {objective!r} (known: {', '.join(HEAD_KINDS)})")
         kind = HEAD_KINDS[objective]
@@ -95,6 +96,7 @@ class ObjectiveTask:
         self.spec = ObjectiveSpec(name=name, kind=kind, num_labels=num_labels, objective=objective)
         self.splits, self.vocab, self.seed, self.max_length = splits, vocab, seed, max_length
         self.mask_prob, self.whole_word, self.entity_prob = mask_prob, whole_word, entity_prob
+        self.all_mask = all_mask
         # Pair objectives train on sentences that have a next sentence in their document.
         self.rows = {split: [i for i, n in enumerate(cols["next"]) if n >= 0] if objective in PAIRED
                      else list(range(len(cols["ids"]))) for split, cols in splits.items()}
@@ -165,6 +167,8 @@ class ObjectiveTask:
             maskable = batch["attention_mask"].bool() & (ids != v.cls_id) & (ids != v.sep_id)  # (B, T)
             corrupted, labels = mask_tokens(ids, maskable, mask_id=v.mask_id, random_ids=v.random_ids,
                                             generator=generator, mask_prob=self.mask_prob,
+                                            mask_fraction=1.0 if self.all_mask else 0.8,
+                                            random_fraction=0.0 if self.all_mask else 0.1,
                                             word_starts=~v.continuation[ids] if self.whole_word else None)
         return {**batch, "input_ids": corrupted, "labels": labels}
 
@@ -237,7 +241,7 @@ def load_objective(objective: str, tokenizer, *, name: str | None = None, paths:
                    format: str = "auto", seed: int = 0, validation_fraction: float = 0.05,
                    max_documents: int | None = None, max_sentences: int | None = None, min_chars: int = 20,
                    max_length: int = 128, cache_dir=None, tokenizer_id: str = "", mask_prob: float = 0.15,
-                   whole_word: bool = False, entity_prob: float = 0.5) -> ObjectiveTask:
+                   whole_word: bool = False, entity_prob: float = 0.5, all_mask: bool = False) -> ObjectiveTask:
     """Reads the corpus (``metalm.data.corpus.corpus_sentences``) and binds ``objective`` to it."""
     docs = _read_corpus_cached(tuple(map(str, paths)), format, seed, validation_fraction, max_documents,
                                max_sentences, min_chars)
@@ -245,4 +249,4 @@ def load_objective(objective: str, tokenizer, *, name: str | None = None, paths:
                              cache_dir=cache_dir, tokenizer_id=tokenizer_id)
     return ObjectiveTask(name=name or objective, objective=objective, splits=splits, vocab=Vocabulary.of(tokenizer),
                          seed=seed, max_length=max_length, mask_prob=mask_prob, whole_word=whole_word,
-                         entity_prob=entity_prob)
+                         entity_prob=entity_prob, all_mask=all_mask)

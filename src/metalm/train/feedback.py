@@ -1,11 +1,12 @@
 """Feedback for adaptive samplers, computed by the loop so samplers stay free of model code:
-the encoder's gradient norm after a step, and every task's loss on a fixed validation batch
+the encoder's gradient norm after a step, and every task's loss on a sampled validation batch
 (the MOMETAS meta-test)."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from metalm.data.batching import to_device
@@ -28,21 +29,31 @@ def validation_split(task) -> str:
     return "train"
 
 
-@torch.no_grad()
-def validation_losses(model: torch.nn.Module, tasks: Mapping, *, batch_size: int) -> dict[str, float]:
-    """Each task's loss on the first ``batch_size`` rows of its held-out split, in eval mode.
+def validation_rows(size: int, batch_size: int, *, seed: int, step: int, task_index: int) -> list[int]:
+    """The rows of one task's validation batch at the meta-test after ``step`` steps: ``batch_size``
+    rows drawn without replacement from ``size``, from a generator seeded by (seed, step, task), so
+    that each meta-test samples V afresh (Wu §3.4) and a resumed run draws the same rows."""
+    rng = np.random.default_rng([seed, step, task_index])
+    return sorted(int(i) for i in rng.choice(size, size=min(batch_size, size), replace=False))
 
-    The same rows (and, for corpus objectives, the same corruption) every time, so successive
-    meta-tests differ only by the model. Leaves the model in train mode.
+
+@torch.no_grad()
+def validation_losses(model: torch.nn.Module, tasks: Mapping, *, batch_size: int, seed: int = 0,
+                      step: int = 0) -> dict[str, float]:
+    """Each task's loss on ``batch_size`` sampled rows of its held-out split (``validation_rows``).
+
+    The model stays in train mode: each objective is measured as it is trained (dropout on, so
+    CSE compares two dropout views as SimCSE trains it; Wu §4.1). Dropout draws come from a forked
+    RNG seeded by (seed, step): the meta-test neither consumes nor perturbs the training RNG
+    stream, and a resumed run measures the same losses.
     """
     device = next(model.parameters()).device
-    model.eval()
-    try:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.default_rng([seed, step]).integers(2**62)))
         losses = {}
-        for name, task in tasks.items():
+        for i, (name, task) in enumerate(tasks.items()):
             split = validation_split(task)
-            rows = list(range(min(batch_size, task.size(split))))
+            rows = validation_rows(task.size(split), batch_size, seed=seed, step=step, task_index=i)
             losses[name] = float(model.loss(name, to_device(task.batch(split, rows), device)))
         return losses
-    finally:
-        model.train()

@@ -94,7 +94,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     try:
         if start == 0:
             with mixed():
-                _meta_test(sampler, model, tasks, 0)
+                _meta_test(sampler, model, tasks, 0, seed)
         for step in bar:
             if before_step is not None:
                 before_step(step)
@@ -114,7 +114,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             done = step + 1
             stopping = False
             with mixed():
-                _meta_test(sampler, model, tasks, done)
+                _meta_test(sampler, model, tasks, done, seed)
             result.step, result.last_loss = done, stats.get("loss", float("nan"))
             if log_every and (done % log_every == 0 or done == steps):
                 logger.log({"event": "train", "step": done, "task": episodes[0].task,
@@ -157,12 +157,13 @@ def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, 
                    support_tasks=tuple(names[:-1]) if cross_task else ())
 
 
-def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Task], done: int) -> None:
-    """Validation losses of every task for samplers that ask for them (MOMETAS) after ``done`` steps."""
+def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Task], done: int, seed: int) -> None:
+    """Validation losses of every task for samplers that ask for them (MOMETAS) after ``done`` steps
+    (train mode, seeded dropout and rows: ``validation_losses``)."""
     wants = getattr(sampler, "wants_validation", None)
     if wants is not None and wants(done):
-        sampler.update({"validation_losses": validation_losses(model, tasks,
-                                                               batch_size=sampler.validation_batch_size)})
+        sampler.update({"validation_losses": validation_losses(
+            model, tasks, batch_size=sampler.validation_batch_size, seed=seed, step=done)})
 
 
 def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
