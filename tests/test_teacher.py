@@ -145,6 +145,83 @@ def test_hard_label_h_and_teacher_gradient_match_a_hand_computation(h_form):
         torch.testing.assert_close(out.teacher_grads[name], p.grad, rtol=1e-9, atol=1e-14)
 
 
+def _np(tensors):
+    return np.concatenate([t.detach().numpy().ravel() for t in tensors])
+
+
+def test_hard_label_h_uses_the_students_real_adamw_step():
+    """Eq. 8 with an AdamW student: θ1 is θ0 minus a hand-written AdamW step (numpy, from the
+    optimiser's moments), then one SGD support step; h is the numpy cosine of ∇L(θ2) and θ0 − θ1."""
+    teacher, student = _tiny()
+    x_u, keep, support, query = _batches()
+    lr, wd, (b1, b2), eps = 0.03, 0.01, (0.9, 0.98), 1e-6
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps, foreach=False)
+    torch.manual_seed(1)
+    for p in student.parameters():  # a warm state: one earlier step with some gradient
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, inner_lr=0.1,
+                              generator=torch.Generator().manual_seed(0),
+                              pre_update=lambda grads: obj.adamw_update(s_params, grads, opt))
+    assert all(float(opt.state[p]["step"]) == 1 for p in student.parameters())  # state left as it was
+    s = copy.deepcopy(student)
+    logits = s(out.pseudo["tokens"], out.pseudo["keep"])["output"]
+    nll = F.cross_entropy(logits.transpose(1, 2), out.pseudo["target"], reduction="none")  # (B, T)
+    ((nll * out.pseudo["weight"]).sum(1) / out.pseudo["weight"].sum(1)).mean().backward()
+    theta0, g = _np(s.parameters()), _np(p.grad for p in s.parameters())
+    m = b1 * _np(opt.state[p]["exp_avg"] for p in student.parameters()) + (1 - b1) * g
+    v = b2 * _np(opt.state[p]["exp_avg_sq"] for p in student.parameters()) + (1 - b2) * g * g
+    step = lr * wd * theta0 + lr / (1 - b1 ** 2) * m / (np.sqrt(v / (1 - b2 ** 2)) + eps)  # t = 2
+    assert np.abs(step - 0.1 * g).max() > 1e-3  # the test can tell the AdamW step from the SGD one
+    with torch.no_grad():
+        offset = 0
+        for p in s.parameters():
+            p.copy_(torch.from_numpy(theta0[offset:offset + p.numel()] - step[offset:offset + p.numel()])
+                    .reshape(p.shape))
+            offset += p.numel()
+    sgd = torch.optim.SGD(s.parameters(), lr=0.1)
+    sgd.zero_grad()
+    logits = s(support["tokens"], support["keep"])["output"]
+    nll = F.cross_entropy(logits.transpose(1, 2), support["target"], reduction="none")
+    ((nll * support["weight"]).sum(1) / support["weight"].sum(1)).mean().backward()
+    sgd.step()
+    sgd.zero_grad()
+    F.cross_entropy(s(query["tokens"], query["keep"])["output"].transpose(1, 2), query["target"]).backward()
+    g_query = _np(p.grad for p in s.parameters())
+    cosine = g_query @ step / (np.linalg.norm(g_query) * np.linalg.norm(step))
+    assert out.stats["h"] == pytest.approx(cosine, rel=1e-7, abs=1e-12)
+
+
+def test_adamw_update_matches_the_delta_of_a_real_step():
+    _, student = _tiny()
+    opt = torch.optim.AdamW(student.parameters(), lr=0.02, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    named = dict(student.named_parameters())
+    for k in range(2):  # from an empty state, then from a warm one
+        grads = {n: torch.randn_like(p) for n, p in named.items()}
+        ours = obj.adamw_update(named, grads, opt)
+        before = {n: p.detach().clone() for n, p in named.items()}
+        for n, p in named.items():
+            p.grad = grads[n]
+        opt.step()
+        for n, p in named.items():
+            torch.testing.assert_close(ours[n], before[n] - p.detach(), rtol=1e-9, atol=1e-14)
+
+
+def test_h_update_is_validated():
+    from metalm.config import ConfigError
+    with pytest.raises(ConfigError, match="h_update"):
+        PretrainSettings("hard", samples=16, h_update="adam")
+
+
+def test_finetune_batch_sizes_follow_table_6():
+    from metalm.teacher.finetune import FINETUNE_BATCH, finetune_batch_size
+    assert FINETUNE_BATCH == {10: 1, 20: 2, 40: 4, 80: 8, 160: 16}
+    assert [finetune_batch_size(n) for n in (10, 20, 40, 80, 160)] == [1, 2, 4, 8, 16]
+    assert finetune_batch_size(5) == 1 and finetune_batch_size(320) == 16  # between and beyond: n/10 in [1, 16]
+
+
 def test_hard_label_step_skips_the_teacher_when_h_is_not_finite():
     teacher, student = _tiny()
     x_u, keep, support, query = _batches()
