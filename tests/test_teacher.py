@@ -296,7 +296,7 @@ def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
     assert "0 of 7 runs already done" in first
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert len(runs) == 10  # 5 rows x 2 set sizes x 1 seed
-    for name in ("results.md", "results.json", "regions.png", "accuracy.png"):
+    for name in ("results.md", "results.json", "regions.png", "accuracy.png", "mlm_curve.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "results.md").read_text()
     for row in ("MLM (latest)", "MLM (best MLM loss)", "Hard", "Soft", "Soft (fixed y)"):
@@ -322,3 +322,20 @@ def test_lmtext_quick_runs_mlm_and_soft_labels_and_logs_the_teacher(tmp_path, da
     assert [e["step"] for e in logged] == [1, 2] and logged[0]["samples"][0]["x_u"].startswith("[CLS0]")
     text = (out / "results.md").read_text()
     assert "| mlm |" in text and "| soft |" in text and "soft teacher after 2 optimizer steps" in text
+
+
+def test_mlm_curve_plot_is_written_from_stored_run_logs(tmp_path):
+    from metalm.teacher.pictures import mlm_curves, plot_mlm_curve
+    curve = lambda losses: [{"step": i + 1, "samples": 16 * (i + 1), "mlm_loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    runs = [{"method": "mlm_latest", "n": 10, "seed": 0, "mlm_curve": curve([3.0, 2.0])},
+            {"method": "mlm_best", "n": 10, "seed": 0, "mlm_curve": curve([3.0, 2.0])},  # same pre-training
+            {"method": "mlm_latest", "n": 20, "seed": 0, "mlm_curve": curve([3.0, 2.0])},
+            {"method": "mlm_latest", "n": 10, "seed": 1, "mlm_curve": curve([4.0, 1.0])},
+            {"method": "hard", "n": 10, "seed": 0, "mlm_curve": curve([5.0, 4.5])}]
+    for i, r in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    stored = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    got = mlm_curves(stored)
+    assert got == {"mlm": ([16, 32], [3.5, 1.5], 2), "hard": ([16, 32], [5.0, 4.5], 1)}
+    plot_mlm_curve(stored, tmp_path / "mlm_curve.png", title="t")
+    assert (tmp_path / "mlm_curve.png").read_bytes()[:4] == b"\x89PNG"
