@@ -145,6 +145,83 @@ def test_hard_label_h_and_teacher_gradient_match_a_hand_computation(h_form):
         torch.testing.assert_close(out.teacher_grads[name], p.grad, rtol=1e-9, atol=1e-14)
 
 
+def _np(tensors):
+    return np.concatenate([t.detach().numpy().ravel() for t in tensors])
+
+
+def test_hard_label_h_uses_the_students_real_adamw_step():
+    """Eq. 8 with an AdamW student: θ1 is θ0 minus a hand-written AdamW step (numpy, from the
+    optimiser's moments), then one SGD support step; h is the numpy cosine of ∇L(θ2) and θ0 − θ1."""
+    teacher, student = _tiny()
+    x_u, keep, support, query = _batches()
+    lr, wd, (b1, b2), eps = 0.03, 0.01, (0.9, 0.98), 1e-6
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps, foreach=False)
+    torch.manual_seed(1)
+    for p in student.parameters():  # a warm state: one earlier step with some gradient
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, inner_lr=0.1,
+                              generator=torch.Generator().manual_seed(0),
+                              pre_update=lambda grads: obj.adamw_update(s_params, grads, opt))
+    assert all(float(opt.state[p]["step"]) == 1 for p in student.parameters())  # state left as it was
+    s = copy.deepcopy(student)
+    logits = s(out.pseudo["tokens"], out.pseudo["keep"])["output"]
+    nll = F.cross_entropy(logits.transpose(1, 2), out.pseudo["target"], reduction="none")  # (B, T)
+    ((nll * out.pseudo["weight"]).sum(1) / out.pseudo["weight"].sum(1)).mean().backward()
+    theta0, g = _np(s.parameters()), _np(p.grad for p in s.parameters())
+    m = b1 * _np(opt.state[p]["exp_avg"] for p in student.parameters()) + (1 - b1) * g
+    v = b2 * _np(opt.state[p]["exp_avg_sq"] for p in student.parameters()) + (1 - b2) * g * g
+    step = lr * wd * theta0 + lr / (1 - b1 ** 2) * m / (np.sqrt(v / (1 - b2 ** 2)) + eps)  # t = 2
+    assert np.abs(step - 0.1 * g).max() > 1e-3  # the test can tell the AdamW step from the SGD one
+    with torch.no_grad():
+        offset = 0
+        for p in s.parameters():
+            p.copy_(torch.from_numpy(theta0[offset:offset + p.numel()] - step[offset:offset + p.numel()])
+                    .reshape(p.shape))
+            offset += p.numel()
+    sgd = torch.optim.SGD(s.parameters(), lr=0.1)
+    sgd.zero_grad()
+    logits = s(support["tokens"], support["keep"])["output"]
+    nll = F.cross_entropy(logits.transpose(1, 2), support["target"], reduction="none")
+    ((nll * support["weight"]).sum(1) / support["weight"].sum(1)).mean().backward()
+    sgd.step()
+    sgd.zero_grad()
+    F.cross_entropy(s(query["tokens"], query["keep"])["output"].transpose(1, 2), query["target"]).backward()
+    g_query = _np(p.grad for p in s.parameters())
+    cosine = g_query @ step / (np.linalg.norm(g_query) * np.linalg.norm(step))
+    assert out.stats["h"] == pytest.approx(cosine, rel=1e-7, abs=1e-12)
+
+
+def test_adamw_update_matches_the_delta_of_a_real_step():
+    _, student = _tiny()
+    opt = torch.optim.AdamW(student.parameters(), lr=0.02, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    named = dict(student.named_parameters())
+    for k in range(2):  # from an empty state, then from a warm one
+        grads = {n: torch.randn_like(p) for n, p in named.items()}
+        ours = obj.adamw_update(named, grads, opt)
+        before = {n: p.detach().clone() for n, p in named.items()}
+        for n, p in named.items():
+            p.grad = grads[n]
+        opt.step()
+        for n, p in named.items():
+            torch.testing.assert_close(ours[n], before[n] - p.detach(), rtol=1e-9, atol=1e-14)
+
+
+def test_h_update_is_validated():
+    from metalm.config import ConfigError
+    with pytest.raises(ConfigError, match="h_update"):
+        PretrainSettings("hard", samples=16, h_update="adam")
+
+
+def test_finetune_batch_sizes_follow_table_6():
+    from metalm.teacher.finetune import FINETUNE_BATCH, finetune_batch_size
+    assert FINETUNE_BATCH == {10: 1, 20: 2, 40: 4, 80: 8, 160: 16}
+    assert [finetune_batch_size(n) for n in (10, 20, 40, 80, 160)] == [1, 2, 4, 8, 16]
+    assert finetune_batch_size(5) == 1 and finetune_batch_size(320) == 16  # between and beyond: n/10 in [1, 16]
+
+
 def test_hard_label_step_skips_the_teacher_when_h_is_not_finite():
     teacher, student = _tiny()
     x_u, keep, support, query = _batches()
@@ -219,7 +296,7 @@ def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
     assert "0 of 7 runs already done" in first
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert len(runs) == 10  # 5 rows x 2 set sizes x 1 seed
-    for name in ("results.md", "results.json", "regions.png", "accuracy.png"):
+    for name in ("results.md", "results.json", "regions.png", "accuracy.png", "mlm_curve.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "results.md").read_text()
     for row in ("MLM (latest)", "MLM (best MLM loss)", "Hard", "Soft", "Soft (fixed y)"):
@@ -245,3 +322,20 @@ def test_lmtext_quick_runs_mlm_and_soft_labels_and_logs_the_teacher(tmp_path, da
     assert [e["step"] for e in logged] == [1, 2] and logged[0]["samples"][0]["x_u"].startswith("[CLS0]")
     text = (out / "results.md").read_text()
     assert "| mlm |" in text and "| soft |" in text and "soft teacher after 2 optimizer steps" in text
+
+
+def test_mlm_curve_plot_is_written_from_stored_run_logs(tmp_path):
+    from metalm.teacher.pictures import mlm_curves, plot_mlm_curve
+    curve = lambda losses: [{"step": i + 1, "samples": 16 * (i + 1), "mlm_loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    runs = [{"method": "mlm_latest", "n": 10, "seed": 0, "mlm_curve": curve([3.0, 2.0])},
+            {"method": "mlm_best", "n": 10, "seed": 0, "mlm_curve": curve([3.0, 2.0])},  # same pre-training
+            {"method": "mlm_latest", "n": 20, "seed": 0, "mlm_curve": curve([3.0, 2.0])},
+            {"method": "mlm_latest", "n": 10, "seed": 1, "mlm_curve": curve([4.0, 1.0])},
+            {"method": "hard", "n": 10, "seed": 0, "mlm_curve": curve([5.0, 4.5])}]
+    for i, r in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    stored = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    got = mlm_curves(stored)
+    assert got == {"mlm": ([16, 32], [3.5, 1.5], 2), "hard": ([16, 32], [5.0, 4.5], 1)}
+    plot_mlm_curve(stored, tmp_path / "mlm_curve.png", title="t")
+    assert (tmp_path / "mlm_curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,6 +18,11 @@ from metalm.teacher.pretrain import PAD, _apply, adamw, inverse_sqrt, labelled_b
 FINETUNE_BATCH = {10: 1, 20: 2, 40: 4, 80: 8, 160: 16}
 
 
+def finetune_batch_size(n: int) -> int:
+    """Table 6's batch size for ``n`` labelled points; other sizes keep its ratio n/10, within [1, 16]."""
+    return FINETUNE_BATCH.get(n, min(16, max(1, n // 10)))
+
+
 class Labelled(Protocol):
     """A labelled set: ``inputs`` (n, T) ids, ``labels`` (n,), ``label_ids`` (the label tokens),
     ``targets()`` (n, T) the label token repeated over the input."""
@@ -68,7 +73,7 @@ def finetune(student: Encoder, train: Labelled, val: Labelled, *, epochs: int = 
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout: the same pre-trained weights fine-tune the same way
-    batch_size = batch_size or FINETUNE_BATCH.get(len(train), 16)
+    batch_size = batch_size or finetune_batch_size(len(train))
     targets = train.targets()
     params = trainable_params(student)
     loss_fn = obj.student_loss_fn(student)

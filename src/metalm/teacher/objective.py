@@ -17,6 +17,7 @@ them. A batch is a dict: ``tokens`` (B, T) ids or (B, T, V) probabilities, ``kee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from metalm.learn.functional import Params, inner_step
 
 Batch = dict[str, Tensor]
 H_FORMS = ("cosine", "dot")
+H_UPDATES = ("optimizer", "sgd")  # θ0 − θ1 in Eq. 8: the student optimiser's real step, or η·g
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ def pseudo_label_h(query_grad: Tensor, step: Tensor, *, form: str, inner_lr: flo
 def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_params: Params,
                     x_u: Tensor, keep: Tensor, support: Batch, query: Batch, *, inner_lr: float = 0.1,
                     meta_weight: float = 1.0, h_form: str = "cosine", fixed_y: bool = False,
-                    generator: torch.Generator | None = None) -> MetaStep:
+                    generator: torch.Generator | None = None,
+                    pre_update: Callable[[Params], Params] | None = None) -> MetaStep:
     """Hard labels (§3.2): sample (x̂, ŷ) ~ T(x_u); teacher gradient λ·h·∇θT CE((x̂, ŷ), T(x_u)).
 
     The student's two inner steps are first order (Eq. 7), so h needs only ∇L at θ2 and the
@@ -150,6 +153,8 @@ def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_
         support, query: labelled batches of the same task.
         inner_lr: η, the SGD learning rate of both inner steps.
         meta_weight: λ_meta.
+        pre_update: maps the pre-training gradient g to the student's real update θ0 − θ1 (e.g.
+            ``adamw_update``: Eq. 8 is written for adaptive optimisers); None: the SGD step η·g.
 
     Returns:
         ``MetaStep``; ``student_grads`` is ∇θS CE(ŷ, S(x̂; θ0)) (the student trains on teacher data).
@@ -163,7 +168,9 @@ def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_
     theta0 = {n: s_params[n].detach().requires_grad_() for n in names}
     pre_loss = loss_fn(theta0, pseudo)
     pre_grads = torch.autograd.grad(pre_loss, [theta0[n] for n in names])
-    theta1 = {n: (theta0[n] - inner_lr * g).detach().requires_grad_() for n, g in zip(names, pre_grads)}
+    grads0 = dict(zip(names, pre_grads))
+    update = pre_update(grads0) if pre_update is not None else {n: inner_lr * g for n, g in grads0.items()}
+    theta1 = {n: (theta0[n] - update[n]).detach().requires_grad_() for n in names}
     theta2, support_loss = inner_step(loss_fn, theta1, support, lr=inner_lr, first_order=True)
     query_loss = loss_fn(theta2, query)
     query_grads = torch.autograd.grad(query_loss, [theta2[n] for n in names])
@@ -184,6 +191,36 @@ def hard_label_step(teacher: nn.Module, student: nn.Module, t_params: Params, s_
                                 allow_unused=True)
     teacher_grads = {n: torch.zeros_like(t_params[n]) if g is None else g for n, g in zip(t_names, grads)}
     return MetaStep(teacher_grads, student_grads, stats, pseudo)
+
+
+@torch.no_grad()
+def adamw_update(named: dict[str, Tensor], grads: Params, optimizer: torch.optim.Optimizer) -> Params:
+    """θ0 − θ1 of one step of ``optimizer`` (torch AdamW) with ``grads``, from its state, unmutated.
+
+    Decoupled decay, then Adam: δ = lr·wd·θ + (lr / (1 − β1^t)) · m / (sqrt(v / (1 − β2^t)) + ε),
+    with m, v the moments after this gradient and t the step it would take. A parameter the
+    optimiser does not hold, or whose gradient is missing, gets a zero update.
+
+    Args:
+        named: the optimiser's parameters by name (``dict(model.named_parameters())``).
+        grads: gradient per name.
+    """
+    by_id = {id(p): n for n, p in named.items()}
+    out = {n: torch.zeros_like(p) for n, p in named.items()}
+    for group in optimizer.param_groups:
+        lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        for p in group["params"]:
+            name = by_id.get(id(p))
+            if name is None or name not in grads:
+                continue
+            g = grads[name].detach()
+            state = optimizer.state.get(p, {})
+            t = float(state["step"]) + 1 if "step" in state else 1.0
+            m = b1 * state["exp_avg"] + (1 - b1) * g if "exp_avg" in state else (1 - b1) * g
+            v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g if "exp_avg_sq" in state else (1 - b2) * g * g
+            denom = (v / (1 - b2 ** t)).sqrt() + eps
+            out[name] = lr * wd * p.detach() + (lr / (1 - b1 ** t)) * m / denom
+    return out
 
 
 def soft_pseudo_batch(logits: dict[str, Tensor], x_u: Tensor, keep: Tensor, *, fixed_y: bool) -> Batch:

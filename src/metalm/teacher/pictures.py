@@ -1,5 +1,5 @@
 """The Two Moons study's outputs: the table, the student's decision regions over all 64x64 inputs
-(their Fig. 3), accuracy against set size (their Fig. 1, left) and the teacher's samples (Table 1)."""
+(their Fig. 3), accuracy against set size (their Fig. 1, left), the student's MLM loss (Fig. 1, right) and the teacher's samples (Table 1)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,37 @@ def plot_accuracy(results: list[dict], path: Path, *, set_sizes, title: str) -> 
     save_figure(fig, path, title)
 
 
+def mlm_curves(results: list[dict]) -> dict[str, tuple[list[int], list[float], int]]:
+    """Per method, (pre-training samples, mean held-out MLM loss over seeds, seeds) from each run's
+    stored ``mlm_curve``. A pre-training is shared by its fine-tunings on several set sizes (and
+    MLM (latest) and MLM (best) are one pre-training), so each (method, seed) counts once."""
+    per: dict[str, dict[int, list[dict]]] = {}
+    for r in results:
+        if r.get("mlm_curve"):
+            method = "mlm" if r["method"].startswith("mlm") else r["method"]
+            per.setdefault(method, {}).setdefault(r.get("seed", 0), r["mlm_curve"])
+    out = {}
+    for method, runs in per.items():
+        length = min(len(c) for c in runs.values())  # seeds of one size evaluate at the same steps
+        first = next(iter(runs.values()))
+        y = np.mean([[p["mlm_loss"] for p in c[:length]] for c in runs.values()], axis=0)
+        out[method] = ([p["samples"] for p in first[:length]], [float(v) for v in y], len(runs))
+    return out
+
+
+def plot_mlm_curve(results: list[dict], path: Path, *, title: str) -> None:
+    """The student's held-out MLM loss against pre-training samples (their Fig. 1, right)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, (x, y, seeds) in mlm_curves(results).items():
+        label = "MLM" if method == "mlm" else ROWS.get(method, method)
+        ax.plot(x, y, marker=".", label=f"{label} ({seeds} seeds)")
+    ax.set_xlabel("pre-training samples")
+    ax.set_ylabel("student MLM loss (held out)")
+    ax.legend(fontsize=7)
+    save_figure(fig, path, title)
+
+
 def samples_markdown(results: list[dict]) -> str:
     """The teacher's pseudo data for three held-out sequences, per meta method, lowest seed and set size."""
     lines = []
@@ -107,12 +138,13 @@ def pretraining_markdown(results: list[dict]) -> str:
 
 
 def write_study_report(out: str | Path, size: StudySize) -> dict[str, Path]:
-    """Writes results.md (table and teacher samples), results.json, regions.png and accuracy.png."""
+    """Writes results.md (table and teacher samples), results.json, regions.png, accuracy.png and
+    mlm_curve.png."""
     out = Path(out)
     results = [r for r in load_results(out) if r["n"] in size.set_sizes and r["seed"] in size.seeds]
     title = f"Two Moons, size {size.name}: {size.samples:,} pre-training samples per run"
     paths = {"markdown": out / "results.md", "json": out / "results.json", "regions": out / "regions.png",
-             "accuracy": out / "accuracy.png"}
+             "accuracy": out / "accuracy.png", "mlm_curve": out / "mlm_curve.png"}
     text = (f"## {title}\n\n{table(results, size)}\n\n## Pre-training\n\n{pretraining_markdown(results)}\n\n"
             f"## What the teacher writes\n\n{samples_markdown(results)}")
     write_text_atomic(paths["markdown"], text)
@@ -121,4 +153,5 @@ def write_study_report(out: str | Path, size: StudySize) -> dict[str, Path]:
     write_text_atomic(paths["json"], json.dumps({"size": size.name, "summary": summary}, indent=1))
     plot_regions(results, paths["regions"], set_sizes=size.set_sizes, title=title)
     plot_accuracy(results, paths["accuracy"], set_sizes=size.set_sizes, title=title)
+    plot_mlm_curve(results, paths["mlm_curve"], title=title)
     return paths

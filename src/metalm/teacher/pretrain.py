@@ -20,6 +20,7 @@ from metalm.learn.functional import accumulate_grads, trainable_params
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
 from metalm.teacher.model import Encoder
+from metalm.config import ConfigError
 from metalm.train.optim import build_optimizer
 
 METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
@@ -41,10 +42,13 @@ class PretrainSettings:
     meta_weight: float | None = None  # λ_meta; None: 1 for hard labels, 100 for soft (Table 5)
     mlm_as_task: bool | None = None  # None: True for soft labels (§4.1)
     h_form: str = "cosine"
+    h_update: str = "optimizer"  # θ0 − θ1 of Eq. 8: "optimizer" (the student's AdamW step) or "sgd" (η·g)
     clip: float = 5.0
     evals: int = 20  # held-out MLM losses over the run (for "MLM (best loss)")
 
     def __post_init__(self):
+        if self.h_update not in obj.H_UPDATES:
+            raise ConfigError(f"h_update: expected one of {obj.H_UPDATES}, got {self.h_update!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.batch_size % self.samples_per_task:
@@ -190,8 +194,15 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
                 if settings.soft:
                     out = obj.soft_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, **kwargs)
                 else:
+                    pre_update = None
+                    if settings.h_update == "optimizer":
+                        lr_now = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
+                        for group in s_opt.param_groups:  # the lr the coming step will use
+                            group["lr"] = lr_now
+                        pre_update = lambda grads: obj.adamw_update(s_params, grads, s_opt)  # noqa: E731
                     out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query,
-                                              h_form=settings.h_form, generator=g, **kwargs)
+                                              h_form=settings.h_form, generator=g, pre_update=pre_update,
+                                              **kwargs)
                     hs.append(out.stats["h"])
                     skipped += out.teacher_grads is None
                 aux = obj.teacher_aux_loss(teacher, t_params, x_u, keep, obj.mask_tokens(x_u, scheme, generator=g))

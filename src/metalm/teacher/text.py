@@ -229,4 +229,8 @@ def write_text_report(out: Path, size: TextSize, corpus) -> Path:
                 lines += ["```", f"x_u : {s['x_u']}", f"x̂   : {s['x_hat']}", f"ŷ   : {s['y_hat']}", "```", ""]
     path = out / "results.md"
     write_text_atomic(path, "\n".join(lines))
+    if results:
+        from metalm.teacher.pictures import plot_mlm_curve
+
+        plot_mlm_curve(results, out / "mlm_curve.png", title=f"Meta LM on text, size {size.name}")
     return path
