@@ -75,3 +75,21 @@ def test_second_order_maml_meta_gradient_through_lstm_matches_finite_differences
 
 def _bilm_fn(model):
     return lambda params, batch: _bilm(model, params, batch)
+
+
+def test_bilm_objective_through_the_model_is_the_elmo_loss_and_the_encoder_round_trips(tmp_path):
+    from metalm.learn.functional import task_loss_fn, trainable_params
+    from metalm.models.encoder import load_encoder
+    from metalm.models.multitask import MultiTaskModel
+
+    torch.manual_seed(0)
+    encoder, tok = load_encoder("bilstm-tiny", dropout=0.0)
+    model = MultiTaskModel(encoder)
+    model.add_task("bilm", "bilm", len(tok))
+    batch = _batch(5, vocab=len(tok) - 1)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = task_loss_fn(model, "bilm")(trainable_params(model), {**batch, "labels": labels})
+    assert torch.allclose(loss, bilm_loss(encoder, **batch), atol=1e-6)
+    model.save_pretrained(tmp_path / "m", tok)
+    again, _ = load_encoder(str(tmp_path / "m" / "encoder"), dropout=0.0)
+    assert torch.equal(again(**batch).last_hidden_state, encoder(**batch).last_hidden_state)

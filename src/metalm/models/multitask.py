@@ -65,6 +65,11 @@ class MultiTaskModel(nn.Module):
         if kind == "mlm":  # project only the masked positions onto the (tied) vocabulary
             masked = hidden[batch["labels"] != IGNORE_INDEX]  # (N, H)
             return self.heads[task](masked, self.encoder.get_input_embeddings().weight)  # (N, V)
+        if kind == "bilm":  # ELMo's next/previous-token LM (metalm.models.bilstm)
+            from metalm.models.bilstm import BiLSTMEncoder, bilm_logits
+            if not isinstance(self.encoder, BiLSTMEncoder):  # a transformer sees the token it would predict
+                raise ValueError(f"task {task}: objective bilm needs a biLSTM encoder (encoder.name: bilstm or bilstm-tiny)")
+            return bilm_logits(hidden, self.encoder.get_input_embeddings().weight)  # (B, T-1, V) x 2
         if kind == "mlm_nsp":  # both heads on the same encoding: (N, V) masked tokens, (B, 2) pair
             heads = self.heads[task]
             masked = hidden[mlm_token_labels(batch["labels"]) != IGNORE_INDEX]  # (N, H)

@@ -27,11 +27,11 @@ from metalm.objectives.detection import delete_tokens, insert_tokens
 from metalm.objectives.masking import mask_entities, mask_tokens
 from metalm.objectives.pairs import next_sentence_pairs, sentence_order_pairs
 
-Objective = Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd", "mlm_nsp"]
+Objective = Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd", "mlm_nsp", "bilm"]
 # Objective -> the head kind it trains (MultiTaskModel) and whether it needs sentence pairs.
 HEAD_KINDS = {"mlm": "mlm", "emlm": "mlm", "cse": "contrastive", "atd": "token_classification",
               "dtd": "token_classification", "nsp": "pair_classification", "sop": "pair_classification",
-              "mlm_nsp": "mlm_nsp"}
+              "mlm_nsp": "mlm_nsp", "bilm": "bilm"}
 PAIRED = ("nsp", "sop", "mlm_nsp")
 
 
@@ -92,7 +92,7 @@ class ObjectiveTask:
         if objective not in HEAD_KINDS:
             raise ValueError(f"unknown objective {objective!r} (known: {', '.join(HEAD_KINDS)})")
         kind = HEAD_KINDS[objective]
-        num_labels = {"mlm": vocab.size, "mlm_nsp": vocab.size, "contrastive": 0}.get(kind, 2)
+        num_labels = {"mlm": vocab.size, "mlm_nsp": vocab.size, "bilm": vocab.size, "contrastive": 0}.get(kind, 2)
         self.spec = ObjectiveSpec(name=name, kind=kind, num_labels=num_labels, objective=objective)
         self.splits, self.vocab, self.seed, self.max_length = splits, vocab, seed, max_length
         self.mask_prob, self.whole_word, self.entity_prob = mask_prob, whole_word, entity_prob
@@ -159,6 +159,8 @@ class ObjectiveTask:
         batch = self._pad([([v.cls_id] + ids + [v.sep_id], [0] * (len(ids) + 2)) for ids in sentences])
         if objective == "cse":
             return {**batch, "labels": torch.arange(len(rows))}
+        if objective == "bilm":  # ELMo: the sentence itself is the target, padding ignored
+            return {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)}
         ids = batch["input_ids"]  # (B, T)
         if objective == "emlm":
             entities = [[0] + cols["entities"][r][:self.max_length - 2] + [0] for r in rows]

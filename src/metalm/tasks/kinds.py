@@ -21,6 +21,8 @@ def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 
     if kind == "contrastive":
         from metalm.objectives.heads import contrastive_head
         return contrastive_head(hidden_size)
+    if kind == "bilm":  # ELMo's LM: the softmax is tied to the biLSTM's embeddings, no own weights
+        return nn.Identity()
     if kind == "mlm_nsp":  # BERT's summed step: an MLM head and a 2-way pair head on one batch
         from metalm.objectives.heads import MaskedLMHead
         return nn.ModuleDict({"mlm": MaskedLMHead(hidden_size, num_labels),
@@ -45,6 +47,9 @@ def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """
     if kind == "regression":
         return F.mse_loss(logits.reshape(-1), labels.to(logits.dtype))
+    if kind == "bilm":  # ELMo: next-token and previous-token logits, (B, T-1, V) each
+        from metalm.models.bilstm import bilm_task_loss
+        return bilm_task_loss(logits, labels)
     if kind == "mlm_nsp":  # Lv et al. §4.2 / BERT: the sum of the two objectives' losses on one batch
         mlm_logits, pair_logits = logits  # (N, V), (B, 2)
         return (task_loss("mlm", mlm_logits, mlm_token_labels(labels))
