@@ -13,7 +13,7 @@ from metalm.config import read_yaml
 
 # dou_paper reads MNLI, QQP and QNLI from the Hub, which tests cannot reach (tests/test_dou.py checks it).
 STUDIES = ["dou", "dou_distributions", "dou_hyper", "dou_transfer", "xue", "lv", "mometas",
-           "xue_paper", "lv_paper"]
+           "xue_paper", "lv_paper", "lv_mlm_nsp", "lv_scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def shared_cache(tmp_path_factory) -> Path:
 def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
     """The study's config shrunk to seconds: tiny encoder, 2 steps per stage, one seed, one epoch."""
     data = read_yaml(cli.resolve_config(study))
-    data.update(output_dir=str(out), seeds=[0], encoder={"name": "tiny", "max_length": 32, "pair_max_length": 32},
+    data.update(output_dir=str(out), seeds=[0], encoder={"name": "bilstm-tiny" if study == "lv_scratch" else "tiny",
+                                                          "max_length": 32, "pair_max_length": 32},
                 data={"root": str(data_root), "cache_dir": str(cache)})
     data["finetune"] = {**data["finetune"], "epochs": 1 if study != "lv" else 2, "min_steps": 0}
     data["target_finetune"] = {t: {**c, "min_steps": 0} for t, c in data.get("target_finetune", {}).items()}
@@ -36,7 +37,8 @@ def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
             if method["train"].get("objectives"):  # corpus objectives: a few sentences, a meta-test every step
                 method["train"]["objectives"] = [{**o, "corpus": {**o["corpus"], "max_sentences": 40}}
                                                  for o in method["train"]["objectives"]]
-                method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
+                if "sampler" in method["train"]:  # adaptive samplers: an update every step
+                    method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
             if method["train"].get("sampler", {}).get("kind") == "mometas":  # a meta-test every step
                 method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
     path = out.parent / f"{study}.yaml"

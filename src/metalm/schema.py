@@ -148,7 +148,7 @@ class CorpusConfig:
 class ObjectiveConfig:
     """A pre-training objective on a corpus, trained like a task (its own head on the shared encoder)."""
 
-    objective: Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd"]
+    objective: Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd", "mlm_nsp", "bilm"]
     """mlm, emlm (entity masking), nsp, sop, cse (SimCSE), atd (added-token) or dtd (deleted-token detection)."""
     corpus: CorpusConfig
     name: str | None = None

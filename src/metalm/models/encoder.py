@@ -110,6 +110,13 @@ def load_encoder(name: str, *, tokenizer: str | None = None, attn_implementation
     """
     from transformers import AutoConfig, AutoModel, BertConfig
 
+    from metalm.models import bilstm
+    if name in bilstm.SIZES:  # ELMo-style biLSTM from scratch (Lv et al. §4.4)
+        tok = load_tokenizer(tokenizer or MINILM)
+        return bilstm.BiLSTMEncoder(vocab_size=len(tok), dropout=0.1 if dropout is None else dropout,
+                                    **bilstm.SIZES[name]), tok
+    if (Path(name) / bilstm.CONFIG_FILE).exists():
+        return bilstm.BiLSTMEncoder.from_pretrained(name, dropout=dropout), load_tokenizer(name)
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     if name in NAMED_SIZES:
         tok = load_tokenizer(tokenizer or MINILM)

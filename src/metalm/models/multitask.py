@@ -17,7 +17,7 @@ from torch import nn
 
 from metalm.data.tokenize import IGNORE_INDEX
 from metalm.objectives.heads import contrastive_logits
-from metalm.tasks.kinds import is_token_level, make_head, task_loss
+from metalm.tasks.kinds import is_token_level, make_head, mlm_token_labels, task_loss
 
 HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
 
@@ -90,6 +90,16 @@ class MultiTaskModel(nn.Module):
         if kind == "mlm":  # project only the masked positions onto the (tied) vocabulary
             masked = hidden[batch["labels"] != IGNORE_INDEX]  # (N, H)
             return self.heads[task](masked, self.encoder.get_input_embeddings().weight)  # (N, V)
+        if kind == "bilm":  # ELMo's next/previous-token LM (metalm.models.bilstm)
+            from metalm.models.bilstm import BiLSTMEncoder, bilm_logits
+            if not isinstance(self.encoder, BiLSTMEncoder):  # a transformer sees the token it would predict
+                raise ValueError(f"task {task}: objective bilm needs a biLSTM encoder (encoder.name: bilstm or bilstm-tiny)")
+            return bilm_logits(hidden, self.encoder.get_input_embeddings().weight)  # (B, T-1, V) x 2
+        if kind == "mlm_nsp":  # both heads on the same encoding: (N, V) masked tokens, (B, 2) pair
+            heads = self.heads[task]
+            masked = hidden[mlm_token_labels(batch["labels"]) != IGNORE_INDEX]  # (N, H)
+            return (heads["mlm"](masked, self.encoder.get_input_embeddings().weight),
+                    heads["pair"](self._pool(hidden, inputs["attention_mask"])))
         if not is_token_level(kind):
             hidden = self._pool(hidden, inputs["attention_mask"])  # (B, H)
         out = self.heads[task](hidden)

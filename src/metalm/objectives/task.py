@@ -27,11 +27,12 @@ from metalm.objectives.detection import delete_tokens, insert_tokens
 from metalm.objectives.masking import mask_entities, mask_tokens
 from metalm.objectives.pairs import next_sentence_pairs, sentence_order_pairs
 
-Objective = Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd"]
+Objective = Literal["mlm", "emlm", "nsp", "sop", "cse", "atd", "dtd", "mlm_nsp", "bilm"]
 # Objective -> the head kind it trains (MultiTaskModel) and whether it needs sentence pairs.
 HEAD_KINDS = {"mlm": "mlm", "emlm": "mlm", "cse": "contrastive", "atd": "token_classification",
-              "dtd": "token_classification", "nsp": "pair_classification", "sop": "pair_classification"}
-PAIRED = ("nsp", "sop")
+              "dtd": "token_classification", "nsp": "pair_classification", "sop": "pair_classification",
+              "mlm_nsp": "mlm_nsp", "bilm": "bilm"}
+PAIRED = ("nsp", "sop", "mlm_nsp")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class ObjectiveTask:
         if objective not in HEAD_KINDS:
             raise ValueError(f"unknown objective {objective!r} (known: {', '.join(HEAD_KINDS)})")
         kind = HEAD_KINDS[objective]
-        num_labels = {"mlm": vocab.size, "contrastive": 0}.get(kind, 2)
+        num_labels = {"mlm": vocab.size, "mlm_nsp": vocab.size, "bilm": vocab.size, "contrastive": 0}.get(kind, 2)
         self.spec = ObjectiveSpec(name=name, kind=kind, num_labels=num_labels, objective=objective)
         self.splits, self.vocab, self.seed, self.max_length = splits, vocab, seed, max_length
         self.mask_prob, self.whole_word, self.entity_prob = mask_prob, whole_word, entity_prob
@@ -133,13 +134,15 @@ class ObjectiveTask:
         objective, v = self.spec.objective, self.vocab
         if objective in PAIRED:
             nexts = [cols["next"][r] for r in rows]
-            if objective == "nsp":
+            if objective in ("nsp", "mlm_nsp"):
                 seconds, labels = next_sentence_pairs(rows, nexts, num_sentences=len(cols["ids"]),
                                                       generator=generator)
                 pairs = list(zip(rows, seconds))
             else:
                 pairs, labels = sentence_order_pairs(rows, nexts, generator=generator)
             seqs = [self._pair(cols["ids"][a], cols["ids"][b]) for a, b in pairs]
+            if objective == "mlm_nsp":
+                return self._mask_pairs(self._pad(seqs), torch.tensor(labels), generator)
             return {**self._pad(seqs), "labels": torch.tensor(labels)}
         sentences = [cols["ids"][r][:self.max_length - 2] for r in rows]
         if objective in ("atd", "dtd"):
@@ -158,6 +161,8 @@ class ObjectiveTask:
         batch = self._pad([([v.cls_id] + ids + [v.sep_id], [0] * (len(ids) + 2)) for ids in sentences])
         if objective == "cse":
             return {**batch, "labels": torch.arange(len(rows))}
+        if objective == "bilm":  # ELMo: the sentence itself is the target, padding ignored
+            return {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)}
         ids = batch["input_ids"]  # (B, T)
         if objective == "emlm":
             entities = [[0] + cols["entities"][r][:self.max_length - 2] + [0] for r in rows]
@@ -170,6 +175,17 @@ class ObjectiveTask:
                                             mask_fraction=1.0 if self.all_mask else 0.8,
                                             random_fraction=0.0 if self.all_mask else 0.1,
                                             word_starts=~v.continuation[ids] if self.whole_word else None)
+        return {**batch, "input_ids": corrupted, "labels": labels}
+
+    def _mask_pairs(self, batch: Batch, pair_labels: torch.Tensor, generator: torch.Generator) -> Batch:
+        """BERT's batch: NSP pairs with MLM corruption; the (B,) NSP labels ride on the [CLS]
+        column of the (B, T) MLM labels (``metalm.tasks.kinds.mlm_token_labels``)."""
+        ids, v = batch["input_ids"], self.vocab  # (B, T)
+        maskable = batch["attention_mask"].bool() & (ids != v.cls_id) & (ids != v.sep_id)  # (B, T)
+        corrupted, labels = mask_tokens(ids, maskable, mask_id=v.mask_id, random_ids=v.random_ids,
+                                        generator=generator, mask_prob=self.mask_prob,
+                                        word_starts=~v.continuation[ids] if self.whole_word else None)
+        labels[:, 0] = pair_labels
         return {**batch, "input_ids": corrupted, "labels": labels}
 
     def _pair(self, a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
