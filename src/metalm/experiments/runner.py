@@ -162,7 +162,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
     loaded: dict[str, tuple] = {}  # stage folder -> (model, tokenizer), the latest only
     bar = Progress(jobs, desc="fine-tune runs", enabled=progress)
     for method, budget, seed, spec in bar:
-        bar.set_postfix_str(f"{method.name} / {spec.name} @{budget.slug} seed {seed}")
+        cell_name = f"{method.name} / {spec.name} @{budget_label((budget.fraction, budget.per_class))} seed {seed}"
+        bar.set_postfix_str(cell_name)
         path = out / "results" / _slug(method.name) / spec.name / budget.slug / f"seed-{seed}.json"
         stage = plan_stage(cfg, method, specs, finetune, budget, seed)
         settings = run_settings(cfg, method, spec, finetune[spec.name], stage)
@@ -170,8 +171,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
             result = json.loads(path.read_text())
             check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
             if progress:
-                note(f"skipped finished cell {method.name} / {spec.name} @{budget_label((budget.fraction, budget.per_class))} "
-                     f"seed {seed} ({path})")
+                note(f"skipped finished cell {cell_name} ({path})")
         else:
             result = _fine_tune_cell(cfg, method, spec, finetune[spec.name], budget, seed, stage, loaded,
                                      path=path, progress=progress)
