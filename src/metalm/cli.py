@@ -86,21 +86,44 @@ def cmd_train(args) -> None:
     from metalm.recipes import run_train
     from metalm.schema import TrainConfig
 
-    final = run_train(_load(TrainConfig, args.config, args.overrides), resume=args.resume)
+    config = _load(TrainConfig, args.config, args.overrides)
+    _refuse_existing(Path(config.output_dir), ("config.json", "checkpoints", "final"), args,
+                     resume_hint=" --resume to continue it,")
+    final = run_train(config, resume=args.resume)
     print(f"final model: {final}")
+
+
+def _refuse_existing(out: Path, markers: tuple[str, ...], args, resume_hint: str = "") -> None:
+    """Without --resume, a folder that already holds a run is an error unless --overwrite empties it."""
+    import shutil
+
+    if getattr(args, "resume", False) or not any((out / m).exists() for m in markers):
+        return
+    if not args.overwrite:
+        raise cfg.ConfigError(f"{out} already holds a run; use{resume_hint} --overwrite to replace it, or "
+                              "another output_dir")
+    if (out / ".lock").exists():
+        from metalm.train.lock import run_lock
+
+        with run_lock(out):  # refuses if a live run holds it
+            pass
+    shutil.rmtree(out)
 
 
 def cmd_finetune(args) -> None:
     from metalm.recipes import run_finetune
     from metalm.schema import FinetuneConfig
     from metalm.train.checkpoint import write_text_atomic
+    from metalm.train.lock import run_lock
 
     config = _load(FinetuneConfig, args.config, args.overrides)
-    result = run_finetune(config)
+    _refuse_existing(Path(config.output_dir), ("scores.json", "final"), args)
+    with run_lock(config.output_dir):
+        result = run_finetune(config)
+        write_text_atomic(Path(config.output_dir) / "scores.json",
+                          json.dumps({"scores": result.scores, "curve": result.curve,
+                                      "train_size": result.train_size}, indent=1))
     print(json.dumps({"train_size": result.train_size, "scores": result.scores}, indent=1))
-    write_text_atomic(Path(config.output_dir) / "scores.json",
-                      json.dumps({"scores": result.scores, "curve": result.curve, "train_size": result.train_size},
-                                 indent=1))
 
 
 def cmd_experiment(args) -> None:
@@ -222,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    with_config("train", cmd_train, "joint multi-task training").add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    with_config("finetune", cmd_finetune, "fine-tune on one target task")
+    train = with_config("train", cmd_train, "joint multi-task training")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    with_config("finetune", cmd_finetune, "fine-tune on one target task").add_argument(
+        "--overwrite", action="store_true", help="replace a fine-tune already in output_dir")
     with_config("experiment", cmd_experiment, "method x target x fraction x seed sweep, table and plot")
     demo = sub.add_parser("demo", help="the main job on embedded offline data (MiniLM, ~8 min on 2 cores)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
@@ -279,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    from metalm.train.loop import TrainingDiverged
+
     try:
         args.fn(args)
-    except (cfg.ConfigError, DataError) as err:
+    except (cfg.ConfigError, DataError, TrainingDiverged) as err:
         print(f"metalm: error: {err}", file=sys.stderr)
         return 2
     return 0

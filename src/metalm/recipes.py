@@ -26,7 +26,9 @@ from metalm.schema import FinetuneConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.evaluate import CONSTANT, evaluate
+from metalm.train.lock import run_lock
 from metalm.train.loop import train_loop
+from metalm.train.progress import note
 from metalm.train.precision import autocast, check_precision
 
 
@@ -45,8 +47,14 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, 
     """Joint multi-task training; returns the folder of the final model (``output_dir/final``).
 
     With ``resume``, continues from the newest checkpoint in ``output_dir``; a run that
-    already finished returns its final folder without training again.
+    already finished returns its final folder without training again. The run holds
+    ``output_dir/.lock`` while it runs (`metalm.train.lock`), so a second run there is refused.
     """
+    with run_lock(cfg.output_dir, note=note):
+        return _run_train(cfg, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard)
+
+
+def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tensorboard: bool) -> Path:
     out = Path(cfg.output_dir)
     final = out / "final"
     if resume and (out / "config.json").exists():

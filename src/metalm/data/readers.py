@@ -91,6 +91,8 @@ def read_delimited(
     comment_prefix: str | None = None,
     encoding: str = "utf-8",
     skip_unlabelled: bool = False,
+    allow_empty_text: bool = True,
+    allow_extra_fields: bool = True,
 ) -> list[Record]:
     """Reads a TSV/CSV file whose columns are named (with a header) or indexed (without).
 
@@ -105,6 +107,8 @@ def read_delimited(
         comment_prefix: lines starting with it are skipped (e.g. ``#`` in SimLex).
         encoding: text encoding of the file.
         skip_unlabelled: drop rows whose label field is empty instead of failing on them.
+        allow_empty_text: accept an empty text field (False: an error naming the line and column).
+        allow_extra_fields: accept rows with more fields than the header (False: an error).
     """
     path = Path(path)
     _check_nonempty(path)
@@ -119,6 +123,7 @@ def read_delimited(
         if names is None:
             raise DataError(path, None, None, "a header line and at least one row", "only comments")
         names = [n.strip() for n in names]
+        _check_first_line(path, lines.line, names, quoting=quoting, encoding=encoding)
         for field, col in wanted.items():
             positions[field] = _header_position(path, lines.line, names, field, col)
     else:
@@ -138,10 +143,32 @@ def read_delimited(
             )
         if skip_unlabelled and "label" in positions and not row[positions["label"]].strip():
             continue  # an unlabelled row in a labelled file, dropped on request
-        records.append(_make_record(path, line, row, positions, columns, parse_label))
+        if header and not allow_extra_fields and len(row) > len(names):
+            raise DataError(path, line, None, f"at most {len(names)} {_sep_name(delimiter)}-separated fields, as the "
+                            "header (set the task's allow_extra_fields: true to accept more"
+                            + (", or quoting: csv if fields are quoted" if quoting == "none" else "") + ")",
+                            f"{len(row)} fields")
+        record = _make_record(path, line, row, positions, columns, parse_label)
+        if not allow_empty_text:
+            for field in ("text_a", "text_b"):
+                if field in record and not record[field]:
+                    raise DataError(path, line, columns[field], "a non-empty text (set the task's "
+                                    "allow_empty_text: true to accept empty ones)", "an empty field")
+        records.append(record)
     if not records:
         raise DataError(path, None, None, "at least one data row", "no rows")
     return records
+
+
+def _check_first_line(path: Path, line: int, names: list[str], *, quoting: str, encoding: str) -> None:
+    """A header that shows the file was read with the wrong settings: say which setting to use."""
+    if names and names[0].startswith("\ufeff"):
+        raise DataError(path, line, None, "a header without a byte-order mark (set the task's encoding: utf-8-sig)",
+                        f"header {names}")
+    quoted = [n for n in names if len(n) >= 2 and n[0] == n[-1] == '"']
+    if quoting == "none" and quoted:
+        raise DataError(path, line, None, "header names without quotes (the file is CSV-quoted: set the task's "
+                        "quoting: csv)", f"header {names}")
 
 
 def _sep_name(delimiter: str) -> str:

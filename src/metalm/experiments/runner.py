@@ -28,6 +28,7 @@ from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, M
 from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
+from metalm.train.lock import run_lock
 from metalm.train.progress import Progress, note
 
 
@@ -138,7 +139,13 @@ def run_settings(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: Fi
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[list[dict], dict[str, Path]]:
-    """Runs (or resumes) the sweep; returns the result rows and the report paths."""
+    """Runs (or resumes) the sweep; returns the result rows and the report paths. The sweep holds
+    ``output_dir/.lock`` while it runs, so a second sweep into the same folder is refused."""
+    with run_lock(cfg.output_dir, note=note):
+        return _run_experiment(cfg, progress=progress)
+
+
+def _run_experiment(cfg: ExperimentConfig, *, progress: bool) -> tuple[list[dict], dict[str, Path]]:
     check_precision(cfg.precision)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):

@@ -126,10 +126,17 @@ def load_encoder(name: str, *, tokenizer: str | None = None, attn_implementation
         model = AutoModel.from_config(config, add_pooling_layer=False, **extra)
         return model, tok
     path = resolve_name(name)
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
-        raise ValueError(f"encoder {name!r}: not a named size ({', '.join(NAMED_SIZES)}), 'minilm', "
-                         "a local folder or a Hub id")
-    config = AutoConfig.from_pretrained(path)
+    known = f"a named size ({', '.join(NAMED_SIZES)}), {', '.join(bilstm.SIZES)}, 'minilm', a local folder or a Hub id"
+    offline_name = os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name  # e.g. a typo of a size
+    if not Path(path).exists() and (offline_name or Path(name).is_absolute() or name.startswith(".")):
+        raise ConfigError(f"encoder {name!r}: no such folder, and not {known}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:  # not cached offline, unreachable, or no such repository
+        offline = " (HF_HUB_OFFLINE is set: only models already in the Hugging Face cache load)" \
+            if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ConfigError(f"encoder {name!r}: cannot be loaded{offline}: {str(err).splitlines()[0]}; expected "
+                          f"{known}") from err
     _set_dropout(config, dropout)
     try:  # BERT-family models carry an unused pooler; leave it out where the class allows
         model = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, **extra)

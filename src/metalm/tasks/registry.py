@@ -114,6 +114,7 @@ for _name in ("MR", "CR", "SUBJ", "MPQA"):
         name=_name.lower(), kind="classification", header=False,
         files={s: f"{{root}}/senteval/{_name}/{s}.tsv" for s in ("train", "dev")},
         columns={"text_a": 1, "label": 0}, labels=BINARY, metrics=("accuracy",),
+        allow_empty_text=_name == "CR",  # CR's train.tsv has one labelled row with no sentence (line 1763)
         description=f"SentEval {_name}: binary sentence classification"))
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _BUILTIN}

@@ -60,6 +60,10 @@ class TaskSpec:
     """Skip lines starting with this prefix."""
     skip_unlabelled: bool = False
     """Delimited files: drop rows whose label field is empty instead of failing on them."""
+    allow_empty_text: bool = False
+    """Accept rows whose text field is empty (an error otherwise: an empty text is usually a broken row)."""
+    allow_extra_fields: bool = False
+    """Delimited files with a header: accept rows with more fields than the header names."""
     labels: tuple[str, ...] | None = None
     """Label names in index order (classification kinds)."""
     metrics: tuple[str, ...] = ("accuracy",)
@@ -125,10 +129,15 @@ def has_two_texts(spec: TaskSpec) -> bool:
 
 
 def resolve_path(template: str, *, root: str | Path, glue: str | Path | None = None) -> Path:
-    """Expands ``{root}``, ``{glue}`` and ``{gensim}`` (gensim's bundled test data) in a task file path."""
+    """Expands ``{root}``, ``{glue}`` and ``{gensim}`` (gensim's bundled test data) in a task file path;
+    a path that is still relative is taken relative to the data root, as documented."""
     glue = glue if glue is not None else Path(root) / "glue"
     gensim = gensim_data_dir() if "{gensim}" in template else ""
-    return Path(template.format(root=root, glue=glue, gensim=gensim)).expanduser()
+    path = Path(template.format(root=root, glue=glue, gensim=gensim)).expanduser()
+    base = Path(root).expanduser()
+    if path.is_absolute() or "{root}" in template or "{glue}" in template or "{gensim}" in template:
+        return path
+    return base / path
 
 
 def gensim_data_dir() -> Path:
@@ -190,7 +199,8 @@ def _read_file(spec: TaskSpec, path: Path, parse) -> list[Record]:
         return read_delimited(path, columns=spec.columns, parse_label=parse,
                               delimiter="\t" if spec.format == "tsv" else ",", header=spec.header,
                               quoting=spec.quoting, comment_prefix=spec.comment_prefix, encoding=spec.encoding,
-                              skip_unlabelled=spec.skip_unlabelled)
+                              skip_unlabelled=spec.skip_unlabelled, allow_empty_text=spec.allow_empty_text,
+                              allow_extra_fields=spec.allow_extra_fields)
     if spec.format == "jsonl":
         return read_jsonl(path, columns=spec.columns, parse_label=parse, encoding=spec.encoding)
     if spec.format == "conll":

@@ -5,11 +5,18 @@ A checkpoint folder ``step-0000100`` holds ``model.safetensors``, ``optimizer.sa
 scheduler, sampler, batch streams, RNG states, anything the caller adds). It is written to a
 temporary folder and renamed into place; ``latest`` names the newest complete one. Nothing
 is unpickled on load.
+
+``manifest.json``, written last, gives each file's size and SHA-256. On resume the newest
+checkpoint that verifies is used; one that does not (a file missing, truncated, changed, or
+unreadable JSON) is skipped with a warning naming the file, and a run folder whose checkpoints all
+fail is refused rather than silently restarted from step 0. A checkpoint from before manifests
+is accepted when its files are present and its JSON parses, with a warning.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -21,7 +28,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from metalm.config import ConfigError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+
+
+class CheckpointError(ConfigError):
+    """A run folder's checkpoints cannot be trusted (a user-facing error: exit code 2)."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -92,6 +107,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         full = {"step": step, "optimizer": opt_meta, "scheduler": sched, "rng": rng_state(), **state}
         (tmp / "state.json").write_text(json.dumps(full))
+        (tmp / MANIFEST).write_text(json.dumps({name: _describe(tmp / name) for name in FILES}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -104,19 +120,93 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.exists():
+def _describe(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """None when ``folder`` is a complete, unchanged checkpoint; otherwise what is wrong with it."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.exists():  # written before manifests existed: check what can be checked
+        for name in FILES:
+            if not (folder / name).is_file():
+                return f"{folder / name} is missing"
+        try:
+            json.loads((folder / "state.json").read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"{folder / 'state.json'} is not valid JSON ({err})"
         return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / "state.json").exists() else None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{manifest} is not valid JSON ({err})"
+    for name in FILES:
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if name not in expected:
+            return f"{manifest} does not list {name}"
+        if path.stat().st_size != expected[name]["size"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected[name]['size']} (truncated?)"
+        if _describe(path)["sha256"] != expected[name]["sha256"]:
+            return f"{path} differs from the checksum in its manifest (changed or corrupted)"
+    return None
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> int:
+    """Deletes ``checkpoints/.tmp-*`` folders that a killed write left behind; returns how many."""
+    root = Path(run_dir) / "checkpoints"
+    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def latest_checkpoint(run_dir: str | Path, *, warn=None) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies (``latest`` first, then by step).
+
+    Returns None when the run has no checkpoint. Calls ``warn(message)`` for each newer one it
+    skips; raises CheckpointError when checkpoints exist but none verifies.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+        elif pointer.read_text().strip():
+            (warn or (lambda m: None))(f"{pointer} names {pointer.read_text().strip()!r}, which does not exist")
+    problems = []
+    for folder in candidates:
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            for earlier in problems:
+                (warn or (lambda m: None))(f"skipped a damaged checkpoint: {earlier}; resuming from {folder.name}")
+            return folder
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(f"{root}: no checkpoint can be trusted ({'; '.join(problems)}); delete the folder "
+                              f"to start over, or restore a checkpoint")
+    return None
 
 
 def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> dict:
     """Restores model, optimiser, scheduler and RNG states; returns the JSON state."""
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / 'state.json'}: cannot be read ({err})") from err
     device = next(model.parameters()).device
     load_model(model, str(folder / "model.safetensors"), strict=True, device=str(device))
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))

@@ -9,6 +9,7 @@ sampler, streams, RNG) is in the checkpoint, so a resumed run continues bit for 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -19,12 +20,17 @@ from metalm.data.batching import BatchStream, to_device
 from metalm.learn.algorithms import Algorithm, Episode
 from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
-from metalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metalm.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                                    save_checkpoint)
 from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
 from metalm.train.logging import RunLogger
 from metalm.train.precision import autocast, check_precision
 from metalm.train.progress import Progress, note
+
+
+class TrainingDiverged(RuntimeError):
+    """A step gave a non-finite loss or gradient; the run stops before applying it."""
 
 
 @dataclass
@@ -77,10 +83,18 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
     start = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        note(f"removed {stale} unfinished checkpoint write(s) under {Path(run_dir) / 'checkpoints'}")
+    checkpoint = latest_checkpoint(run_dir, warn=lambda m: note(f"warning: {m}")) if resume else None
+    machine = {"threads": torch.get_num_threads(), "device": str(device)}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         start = state["step"]
+        then = state.get("machine")
+        if then is not None and then != machine:
+            note(f"warning: resuming with {machine} where the checkpoint was written with {then}; the run "
+                 "continues, but bit-exact resumption holds only with the same thread count and device")
         sampler.load_state_dict(state["sampler"])
         for name, stream_state in state["streams"].items():
             streams[name].load_state_dict(stream_state)
@@ -108,6 +122,11 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             if getattr(sampler, "needs_encoder_grad_norm", False):
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(model, clip_norm)
+            if not (math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)):
+                names = sorted({e.task for e in episodes} | {t for e in episodes for t in e.support_tasks})
+                raise TrainingDiverged(f"{run_dir}: step {step + 1}: loss {stats.get('loss')} and gradient norm "
+                                       f"{grad_norm} on task(s) {', '.join(names)}; nothing was updated at this "
+                                       "step (lower the learning rate, or check the data)")
             optimizer.step()
             scheduler.step()
             sampler.update({"tasks": [e.task for e in episodes], **stats})
@@ -128,7 +147,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 model.train()
                 stopping = stop is not None and stop(result.evaluations)
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()}}
+                extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()},
+                         "machine": machine}
                 save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
             if on_step is not None:
                 on_step(done)
