@@ -62,6 +62,7 @@ def _try_create(path: Path, record: dict) -> bool:
 def run_lock(folder: str | Path, *, note=None) -> Iterator[Path]:
     """Holds ``folder/.lock`` for the duration of the ``with`` block."""
     folder = Path(folder)
+    created = not folder.exists()
     check_writable(folder)
     path = folder / LOCK
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -97,9 +98,12 @@ def run_lock(folder: str | Path, *, note=None) -> Iterator[Path]:
     try:
         yield path
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("pid") == record["pid"]:
                 path.unlink()
+        if created:  # a run that failed before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
 
 __all__ = ["run_lock", "check_writable", "RunFolderBusy", "LOCK"]
