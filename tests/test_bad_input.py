@@ -287,3 +287,56 @@ def test_skip_unlabelled_drops_only_empty_labels(tmp_path, tokenizer, cache_dir)
     _write(tmp_path / "wrong.tsv", "sentence1\tsentence2\tlabel\nA b.\tC d.\t\nE f.\tG h.\tmaybe\n")
     err = _fails_both_ways(_pair_spec("wrong.tsv", skip_unlabelled=True), tmp_path, tokenizer, cache_dir)
     assert "wrong.tsv, line 3, column 'label'" in str(err)
+
+
+# --- row filters ----------------------------------------------------------------------------------
+
+SUBSETS = ("sentence1\tsentence2\tlabel\tsubset\n"
+           "A man sleeps.\tA person sleeps.\tentailment\tTRAIN\n"
+           "A dog runs.\tA cat sits.\tnot_entailment\tTRAIN\n"
+           "A bird sings.\tA bird is silent.\tnot_entailment\tDEV\n"
+           "Who wrote it?\t\t\tTEST\n")  # the unlabelled test row is never parsed
+
+
+def test_split_filters_read_several_splits_from_one_file(tmp_path, tokenizer, cache_dir):
+    _write(tmp_path / "all.tsv", SUBSETS)
+    spec = _pair_spec("all.tsv", files={"train": "{root}/all.tsv", "dev": "{root}/all.tsv"},
+                      split_filters={"train": {"subset": "TRAIN"}, "dev": {"subset": ["DEV", "VALID"]}})
+    assert [r["text_a"] for r in read_split(spec, "train", root=tmp_path)] == ["A man sleeps.", "A dog runs."]
+    assert [r["text_a"] for r in read_split(spec, "dev", root=tmp_path)] == ["A bird sings."]
+    task = load_task(spec, tokenizer, root=tmp_path, cache_dir=cache_dir)
+    assert task.size("train") == 2 and task.size("dev") == 1
+    # A filter on every split narrows further; the same data without filters is another cache entry.
+    both = _pair_spec("all.tsv", files={"train": "{root}/all.tsv"}, filter={"label": "entailment"},
+                      split_filters={"train": {"subset": "TRAIN"}})
+    assert [r["text_a"] for r in read_split(both, "train", root=tmp_path)] == ["A man sleeps."]
+    assert load_task(both, tokenizer, root=tmp_path, cache_dir=cache_dir).fingerprint != task.fingerprint
+
+
+def test_a_filter_that_keeps_nothing_names_the_values_it_saw(tmp_path, tokenizer, cache_dir):
+    _write(tmp_path / "all.tsv", SUBSETS)
+    err = _fails_both_ways(_pair_spec("all.tsv", filter={"subset": "train"}), tmp_path, tokenizer, cache_dir)
+    assert "subset in ['train']" in str(err) and "'TRAIN' (2)" in str(err) and "'DEV' (1)" in str(err)
+    err = _fails_both_ways(_pair_spec("all.tsv", filter={"split": "TRAIN"}), tmp_path, tokenizer, cache_dir)
+    assert err.line == 1 and "a header column named 'split' (for filter)" in str(err)
+
+
+def test_jsonl_rows_are_filtered_by_key(tmp_path):
+    rows = [{"premise": "A man sleeps.", "hypothesis": "A person sleeps.", "label": "entailment", "part": "a"},
+            {"premise": "A dog runs.", "hypothesis": "A cat sits.", "label": "not_entailment", "part": "b"}]
+    _write(tmp_path / "all.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    spec = _pair_spec("all.jsonl", format="jsonl", filter={"part": "b"},
+                      columns={"text_a": "premise", "text_b": "hypothesis", "label": "label"})
+    assert [r["text_a"] for r in read_split(spec, "train", root=tmp_path)] == ["A dog runs."]
+
+
+def test_filters_are_checked_against_the_spec():
+    with pytest.raises(cfg.ConfigError, match=r"split_filters names split\(s\) \['test'\]"):
+        _pair_spec("all.tsv", split_filters={"test": {"subset": "TEST"}})
+    with pytest.raises(cfg.ConfigError, match="not format conll"):
+        TaskSpec(name="ner", kind="token_classification", format="conll", files={"train": "x"}, labels=("O",),
+                 filter={"lang": "en"})
+    spec = cfg.parse(TaskSpec, {"name": "t", "kind": "classification", "labels": ["0", "1"],
+                                "columns": {"text_a": "s", "label": "y"}, "files": {"train": "x.tsv"},
+                                "filter": {"lang": ["en", "de"], "source": "web"}})
+    assert spec.filter == {"lang": ("en", "de"), "source": "web"}

@@ -5,6 +5,7 @@ unfinished writes are removed; a non-finite loss stops the run naming the step a
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -133,3 +134,118 @@ def test_unfinished_writes_are_removed_when_a_run_starts(tmp_path, capsys):
 def test_a_non_finite_loss_stops_the_run_naming_step_and_task(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step \d+: loss .* on task\(s\) cue"):
         run_train(_config(tmp_path, tmp_path / "run", lr=1e30), progress=False, tensorboard=False)
+
+
+def test_a_resume_after_the_task_file_changed_is_refused(tmp_path):
+    """Labels swapped in the task's file between the run and its resume: the fingerprint recorded
+    in the checkpoint no longer matches, and the resume stops naming the task."""
+    _killed_at_6(tmp_path)
+    config = _config(tmp_path, tmp_path / "run")  # (writes cue.tsv afresh)
+    data = tmp_path / "cue.tsv"
+    header, *rows = data.read_text().splitlines()
+    data.write_text("\n".join([header] + [r[:-1] + str(1 - int(r[-1])) for r in rows]) + "\n")
+    with pytest.raises(CheckpointError, match=r"the inputs changed .*: cue \(spec, files or tokenizer\)"):
+        run_train(config, resume=True, progress=False, tensorboard=False)
+
+
+def _poison_clip(monkeypatch, bad_calls):
+    """Gradient clipping sees NaN gradients at the given (1-based) steps, as a NaN in a batch gives."""
+    import metalm.train.loop as loop
+
+    monkeypatch.undo()  # one poisoning at a time
+    real, calls = loop._clip, []
+
+    def clip(model, clip_norm):
+        calls.append(1)
+        if len(calls) in bad_calls:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return real(model, clip_norm)
+
+    monkeypatch.setattr(loop, "_clip", clip)
+
+
+def test_skip_nonfinite_skips_a_poisoned_step_without_touching_the_model(tmp_path, monkeypatch):
+    from safetensors.torch import load_file as load
+
+    _poison_clip(monkeypatch, {3})
+    cfg = _config(tmp_path, tmp_path / "run")
+    cfg = TrainConfig(**{**cfg.__dict__, "train": TrainSettings(**{**cfg.train.__dict__, "skip_nonfinite": 1,
+                                                                    "checkpoint_every": 1})})
+    final = run_train(cfg, progress=False, tensorboard=False)
+    assert all(torch.isfinite(v).all() for v in _weights(final).values())
+    checkpoints = tmp_path / "run" / "checkpoints"
+    # Only the newest checkpoints are kept: compare steps 2 and 3 from a second run stopped at 3.
+    _poison_clip(monkeypatch, {3})
+
+    def stop_at(step):
+        if step == 3:
+            raise Killed
+    again = tmp_path / "again"
+    with pytest.raises(Killed):
+        run_train(TrainConfig(**{**cfg.__dict__, "output_dir": str(again)}), progress=False, tensorboard=False,
+                  on_step=stop_at)
+    before, after = (load(str(again / "checkpoints" / f"step-000000{s}" / "model.safetensors")) for s in (2, 3))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed no weight
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [skipped] = [e for e in events if e.get("event") == "skipped"]
+    assert skipped["step"] == 3 and skipped["tasks"] == ["cue"] and skipped["skipped"] == 1
+    assert checkpoints.exists()
+    # A second poisoned step is one too many.
+    _poison_clip(monkeypatch, {2, 4})
+    with pytest.raises(TrainingDiverged, match=r"step 4: .* after 1 skipped step\(s\) \(train.skip_nonfinite: 1\)"):
+        run_train(TrainConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "third")}), progress=False,
+                  tensorboard=False)
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import metalm.train.checkpoint as checkpoint
+sys.path.insert(0, sys.argv[3])
+from test_checkpoint_damage import _config
+from metalm.recipes import run_train
+
+root, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+real, calls = checkpoint.save_file, []
+
+def save_file(tensors, path, *args, **kwargs):
+    real(tensors, path, *args, **kwargs)
+    calls.append(path)
+    if len(calls) == kill_at:  # the model and these tensors are written; state and manifest are not
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save_file = save_file
+run_train(_config(root, root / "run"), resume=(root / "run").exists(), progress=False, tensorboard=False)
+"""
+
+
+def test_kill_9_inside_checkpoint_writes_leaves_no_temporary_and_resumes_exactly(straight, tmp_path):
+    """Three real SIGKILLs, each in the middle of a checkpoint write (after its optimizer tensors,
+    before its state and manifest), then a clean start: no ``.tmp-*`` folder survives the next
+    start, and the finished run's weights equal an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    here = str(Path(__file__).parent)
+    # Kill during the 1st write (step 2) of the first run (nothing complete: the restart begins at
+    # step 0), the 2nd (step 4) of the restart, then the 1st (step 4 again) of the resume from step
+    # 2; the last start resumes from step 2 and runs to the end.
+    for kill_at in (1, 2, 1, 0):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), str(kill_at), here], env=env,
+                              capture_output=True, text=True, timeout=300)
+        checkpoints = tmp_path / "run" / "checkpoints"
+        if kill_at:
+            assert done.returncode == -9, done.stderr[-2000:]
+            assert list(checkpoints.glob(".tmp-*")), "the kill was inside a write: its folder is left"
+        else:
+            assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(checkpoints.glob(".tmp-*"))
+    ours, theirs = _weights(tmp_path / "run" / "final"), straight[1]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -54,6 +54,12 @@ def test_degenerate_cases():
     assert metrics.matthews([1 - r for r in refs], refs) == pytest.approx(-1.0)
     assert metrics.pearson([1.0, 1.0, 1.0], [0.0, 1.0, 2.0]) == 0.0
     assert metrics.spearman([0.0, 1.0, 2.0], [3.0, 3.0, 3.0]) == 0.0
+    # The "constant mean" reference: many copies of a mean whose std comes out as 4e-16, not 0
+    # (the xue study's STS-B row printed nan from this before).
+    constant = [2.7] * 1500
+    assert np.asarray(constant).std() > 0
+    assert metrics.pearson(constant, np.linspace(0, 5, 1500)) == 0.0
+    assert metrics.spearman(constant, np.linspace(0, 5, 1500)) == 0.0
 
 
 @pytest.mark.parametrize("seed", SEEDS)

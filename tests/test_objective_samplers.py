@@ -70,6 +70,38 @@ def test_mometas_update_matches_a_hand_computation_of_eqs_2_to_4():
                        numeric_grad(objective, psi), atol=1e-7)
 
 
+def test_reward_baseline_subtracts_the_bias_corrected_average_of_earlier_rewards():
+    """With reward_baseline d, cycle t is credited R_t − b_t, b_t the bias-corrected moving average
+    of R_1..R_{t-1} (0 at t = 1); the logits follow Eq. 2 with that credit, by hand."""
+    names, d = ("a", "b"), 0.5
+    sampler = MometasSampler(names, seed=0, update_every=2, meta_lr=1.0, reward_baseline=d)
+    sampler.update({"validation_losses": {"a": 1.0, "b": 1.0}})
+    losses = [{"a": 0.8, "b": 1.0}, {"a": 0.72, "b": 0.9}, {"a": 0.72, "b": 0.9}]
+    trajectories = [("a", "a"), ("a", "b"), ("b", "b")]
+    psi, previous, rewards = np.zeros(2), {"a": 1.0, "b": 1.0}, []
+    for trajectory, after in zip(trajectories, losses):
+        for task in trajectory:
+            sampler.update({"tasks": [task]})
+        sampler.update({"validation_losses": after})
+        r = sum((previous[n] - after[n]) / previous[n] for n in names)
+        if rewards:  # b = Σ (1-d) d^(t-1-i) R_i / (1 - d^(t-1))
+            weights = [(1 - d) * d ** (len(rewards) - 1 - i) for i in range(len(rewards))]
+            b = sum(w * x for w, x in zip(weights, rewards)) / (1 - d ** len(rewards))
+        else:
+            b = 0.0
+        counts = np.array([trajectory.count(n) for n in names], dtype=float)
+        psi = psi + (r - b) * (counts - counts.sum() * softmax(psi))
+        assert sampler.history[-1]["reward"] == pytest.approx(r)
+        assert sampler.history[-1]["advantage"] == pytest.approx(r - b)
+        assert np.allclose(sampler.logits, psi, atol=1e-12)
+        previous = after
+        rewards.append(r)
+    # The third cycle drew only b and earned 0 against an average of 0.2 and 0.2: b loses probability.
+    assert sampler.history[-1]["advantage"] == pytest.approx(-0.2) and sampler.probabilities[1] < 0.5
+    with pytest.raises(ValueError, match="reward_baseline"):
+        MometasSampler(names, seed=0, reward_baseline=1.0)
+
+
 def test_mometas_learns_to_prefer_the_objective_whose_validation_loss_drops():
     """A constructed case: training objective 'good' lowers its validation loss by 2% a step;
     the others' losses do not move (and 'bad' raises the others' losses a little)."""
@@ -117,6 +149,7 @@ def test_signal_sampler_gradient_and_loss_based_by_hand():
 
 @pytest.mark.parametrize("make", [
     lambda: MometasSampler(("a", "b", "c"), seed=3, update_every=5, meta_lr=1.0, entropy_weight=1.0),
+    lambda: MometasSampler(("a", "b", "c"), seed=3, update_every=5, meta_lr=1.0, reward_baseline=0.9),
     lambda: SignalSampler(("a", "b", "c"), seed=3, signal="loss", update_every=5),
     lambda: SignalSampler(("a", "b", "c"), seed=3, signal="gradient", update_every=5, scaling="proportional"),
 ])

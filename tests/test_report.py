@@ -207,6 +207,18 @@ def test_warnings_flag_a_degenerate_baseline_even_above_the_majority_class():
     assert "not above" not in warning
 
 
+def test_a_fine_tune_below_the_zero_shot_cosine_is_flagged():
+    """A regression baseline far above the constant mean (0) but below the untrained encoder's cosine:
+    the fine-tune lost what the encoder knew, and the highest floor is the one named."""
+    rows = _rows(BASE, {0: 0.47, 1: 0.60, 2: 0.64}, target="stsb", metric="pearson")
+    references = [{"reference": "constant mean", "target": "stsb", "split": "dev", "metric": "pearson", "value": 0.0},
+                  {"reference": "zero-shot cosine", "target": "stsb", "split": "dev", "metric": "pearson",
+                   "value": 0.87}]
+    [warning] = study_warnings(aggregate(rows), baseline=BASE, headline={"stsb": ("dev", "pearson")},
+                               references=references)
+    assert "not above the zero-shot cosine" in warning and "against zero-shot cosine 87.00" in warning
+
+
 def test_no_warnings_for_a_good_baseline():
     references = [_majority("rte", "accuracy", 0.527),
                   {"reference": "constant mean", "target": "rte", "split": "dev", "metric": "accuracy",

@@ -140,3 +140,33 @@ def test_empty_texts_and_extra_fields_are_errors_unless_allowed(tmp_path, body, 
 
     relaxed = replace(strict, allow_empty_text=True, allow_extra_fields=True)
     assert len(read_split(relaxed, "train", root=tmp_path)) == 2
+
+
+def test_a_full_disk_during_a_run_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """ENOSPC while a checkpoint is written: exit code 2, one `metalm: error:` line naming the file,
+    no temporary folder left; the traceback only with -v."""
+    import errno as errnos
+
+    import metalm.train.checkpoint as checkpoint
+
+    rows = "\n".join(f"{'good' if i % 2 else 'bad'} day {i}\t{i % 2}" for i in range(24))
+    (tmp_path / "toy.tsv").write_text("text\tlabel\n" + rows + "\n")
+    (tmp_path / "run.yaml").write_text(
+        "train:\n  tasks:\n    - {name: toy, kind: classification, files: {train: toy.tsv}, labels: ['0', '1'],\n"
+        "       columns: {text_a: text, label: label}}\n  steps: 4\n  batch_size: 4\n  checkpoint_every: 2\n"
+        "  evaluate: false\n"
+        f"encoder: {{name: tiny, max_length: 16}}\ndata: {{root: {tmp_path}, cache_dir: {tmp_path / 'cache'}}}\n")
+
+    def full(*args, **kwargs):
+        raise OSError(errnos.ENOSPC, "No space left on device", args[1] if len(args) > 1 else None)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    for verbose in ([], ["-v"]):
+        out = tmp_path / f"run{len(verbose)}"
+        code = main(verbose + ["train", str(tmp_path / "run.yaml"), f"output_dir={out}"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("metalm: error:")]
+        assert code == 2 and len(lines) == 1, err
+        assert "optimizer.safetensors: No space left on device" in lines[0]
+        assert ("Traceback" in err) == bool(verbose)
+        assert not list((out / "checkpoints").glob(".tmp-*"))

@@ -139,7 +139,7 @@ def build_adaptive_sampler(cfg: SamplerConfig, names: Sequence[str], *, seed: in
         return MometasSampler(names, seed=seed, update_every=cfg.update_every, meta_lr=cfg.meta_lr,
                               entropy_weight=cfg.entropy_weight, reward_kind=cfg.reward,
                               validation_batch_size=cfg.validation_batch_size or batch_size,
-                              reward_names=cfg.reward_tasks)
+                              reward_names=cfg.reward_tasks, reward_baseline=cfg.reward_baseline)
     return SignalSampler(names, seed=seed, signal=cfg.kind, update_every=cfg.update_every, scaling=cfg.scaling)
 
 

@@ -18,6 +18,7 @@ CONFIG is a YAML path or the name of a shipped config (``demo``, ``glue_rte``, .
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -310,8 +311,29 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except (cfg.ConfigError, DataError, TrainingDiverged) as err:
         print(f"metalm: error: {err}", file=sys.stderr)
+        _cause(err, args.verbose)
+        return 2
+    except OSError as err:
+        if err.errno not in FILE_SYSTEM_ERRNOS:
+            raise  # not the user's file system: an internal error keeps its traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"metalm: error: {where}{err.strerror or err} (what was written before is intact: every file is "
+              "written to a temporary name and renamed into place; free space or fix the permissions, then "
+              "--resume)", file=sys.stderr)
+        _cause(err, args.verbose)
         return 2
     return 0
+
+
+# Errors of the disk or the permissions the user set, reported as one line (the traceback with -v).
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _cause(err: BaseException, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

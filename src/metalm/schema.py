@@ -89,8 +89,13 @@ class SamplerConfig:
     reward_tasks: tuple[str, ...] | None = None
     """mometas: the tasks whose relative validation-loss drops make the reward (default: every task);
     a target listed in the stage is scored on its cell's held-out rows (needs finetune.select: best)."""
+    reward_baseline: float | None = None
+    """mometas: null for Wu et al.'s update; a decay d in [0, 1) credits each trajectory with its reward
+    minus the moving average of the earlier rewards (the REINFORCE baseline; not in the paper)."""
 
     def __post_init__(self):
+        if self.reward_baseline is not None and not 0.0 <= self.reward_baseline < 1.0:
+            raise ConfigError(f"sampler.reward_baseline: expected a decay in [0, 1) (or null), got {self.reward_baseline}")
         if self.ratio is not None:
             if len(self.ratio) != 2 or min(self.ratio) < 1:
                 raise ConfigError(f"sampler.ratio: expected two positive integers [auxiliary, target], got {self.ratio}")
@@ -212,6 +217,9 @@ class TrainSettings:
     """Log training statistics every this many steps."""
     checkpoint_every: int = 200
     """Checkpoint every this many steps (0: only at the end)."""
+    skip_nonfinite: int = 0
+    """Steps whose loss or gradient norm is not finite that may be skipped (nothing updated, each
+    logged as a ``skipped`` event and counted); the next one stops the run. 0: the first one stops it."""
     eval_every: int = 0
     """Evaluate every task's dev split every this many steps (0: at the end only)."""
     evaluate: bool = True

@@ -12,7 +12,8 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from collections import Counter
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 from metalm.data.errors import DataError
 
@@ -93,6 +94,7 @@ def read_delimited(
     skip_unlabelled: bool = False,
     allow_empty_text: bool = True,
     allow_extra_fields: bool = True,
+    keep: Mapping[str | int, Collection[str]] | None = None,
 ) -> list[Record]:
     """Reads a TSV/CSV file whose columns are named (with a header) or indexed (without).
 
@@ -109,6 +111,8 @@ def read_delimited(
         skip_unlabelled: drop rows whose label field is empty instead of failing on them.
         allow_empty_text: accept an empty text field (False: an error naming the line and column).
         allow_extra_fields: accept rows with more fields than the header (False: an error).
+        keep: column (header name or index) -> allowed values; other rows are skipped before
+            their fields are read (an unlabelled test part of the file is never parsed).
     """
     path = Path(path)
     _check_nonempty(path)
@@ -126,12 +130,15 @@ def read_delimited(
         _check_first_line(path, lines.line, names, quoting=quoting, encoding=encoding)
         for field, col in wanted.items():
             positions[field] = _header_position(path, lines.line, names, field, col)
+        filters = {_header_position(path, lines.line, names, "filter", col): set(v) for col, v in (keep or {}).items()}
     else:
+        filters = {_filter_index(path, col): set(v) for col, v in (keep or {}).items()}
         positions = {field: col for field, col in wanted.items() if isinstance(col, int)}
         named = [c for c in wanted.values() if not isinstance(c, int)]
         if named:
             raise DataError(path, None, named[0], "a column index (the file has no header)", named[0])
-    width = max(positions.values(), default=-1) + 1
+    width = max([*positions.values(), *filters], default=-1) + 1
+    seen: Counter = Counter()  # the filtered columns' values, for the message when none is kept
     for row in reader:
         line = lines.line
         if not row or (len(row) == 1 and not row[0].strip()):
@@ -141,6 +148,9 @@ def read_delimited(
                 path, line, None,
                 f"a row with at least {width} {_sep_name(delimiter)}-separated fields", f"{len(row)} field(s)",
             )
+        if filters and not all(row[pos].strip() in allowed for pos, allowed in filters.items()):
+            seen.update(row[pos].strip() for pos in filters)
+            continue
         if skip_unlabelled and "label" in positions and not row[positions["label"]].strip():
             continue  # an unlabelled row in a labelled file, dropped on request
         if header and not allow_extra_fields and len(row) > len(names):
@@ -156,8 +166,23 @@ def read_delimited(
                                     "allow_empty_text: true to accept empty ones)", "an empty field")
         records.append(record)
     if not records:
+        if seen:
+            raise _filtered_out(path, keep, seen)
         raise DataError(path, None, None, "at least one data row", "no rows")
     return records
+
+
+def _filter_index(path: Path, col: str | int) -> int:
+    if isinstance(col, int):
+        return col
+    raise DataError(path, None, col, "a column index in the filter (the file has no header)", col)
+
+
+def _filtered_out(path: Path, keep: Mapping, seen: Counter) -> DataError:
+    wanted = "; ".join(f"{col} in {sorted(v)}" for col, v in keep.items())
+    common = ", ".join(f"{v!r} ({n})" for v, n in seen.most_common(8))
+    return DataError(path, None, None, f"at least one row with {wanted} (the task's filter)",
+                     f"none; the filtered columns hold {common}")
 
 
 def _check_first_line(path: Path, line: int, names: list[str], *, quoting: str, encoding: str) -> None:
@@ -214,12 +239,14 @@ class _without_comments:
 
 def read_jsonl(
     path: str | Path, *, columns: Mapping[str, str | int], parse_label: Callable[[Any], Any] | None,
-    encoding: str = "utf-8",
+    encoding: str = "utf-8", keep: Mapping[str | int, Collection[str]] | None = None,
 ) -> list[Record]:
-    """Reads one JSON object per line; ``columns`` maps record fields to object keys."""
+    """Reads one JSON object per line; ``columns`` maps record fields to object keys; ``keep``
+    (key -> allowed values) skips the objects that do not match."""
     path = Path(path)
     _check_nonempty(path)
     records = []
+    seen: Counter = Counter()
     for line, text in read_lines(path, encoding):
         if not text.strip():
             continue
@@ -229,8 +256,15 @@ def read_jsonl(
             raise DataError(path, line, None, f"a JSON object ({err.msg})", text.strip()) from None
         if not isinstance(obj, dict):
             raise DataError(path, line, None, "a JSON object", obj)
+        if keep:
+            values = {key: obj.get(str(key)) for key in keep}
+            if not all(isinstance(v, str) and v.strip() in keep[k] for k, v in values.items()):
+                seen.update(str(v) for v in values.values())
+                continue
         records.append(_record_from_mapping(path, line, obj, columns, parse_label))
     if not records:
+        if seen:
+            raise _filtered_out(path, keep, seen)
         raise DataError(path, None, None, "at least one JSON line", "no rows")
     return records
 

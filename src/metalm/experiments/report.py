@@ -24,8 +24,8 @@ from metalm.train.checkpoint import write_text_atomic
 __all__ = ["aggregate", "markdown_table", "study_warnings", "write_reports", "plot_scores", "plot_curves",
            "save_figure", "FLOOR_REFERENCES"]
 
-# The references a baseline must beat to have learned anything: classification, then regression.
-FLOOR_REFERENCES = ("majority class", "constant mean")
+# The references a baseline must beat to have learned anything (the highest of those a cell has).
+FLOOR_REFERENCES = ("majority class", "constant mean", "zero-shot cosine")
 REFERENCE_KEYS = ("reference", "target", "split", "metric", "value")
 SUMMARY_FIELDS = ["method", "target", "fraction", "per_class", "split", "metric", "mean", "std", "n",
                   "degenerate_runs"]
@@ -106,7 +106,7 @@ def _reference_rows(references: Sequence[dict], *, headline: dict[str, tuple[str
     """One italic row per reference name with a value for a shown column's target and headline."""
     values: dict[str, dict[str, float]] = {}  # name -> target -> value, names in order of appearance
     for ref in references:
-        if _is_headline(ref, headline):
+        if _is_headline(ref, headline) and math.isfinite(float(ref["value"])):
             values.setdefault(ref["reference"], {})[ref["target"]] = float(ref["value"])
     shown = {target for target, _ in columns}
     lines = []
@@ -133,8 +133,8 @@ def study_warnings(summary: Sequence[dict], *, baseline: str, headline: dict[str
     """Warnings for each target and budget whose baseline looks like it learned nothing.
 
     The baseline's headline cell is flagged when any seed's predictions were degenerate, or when
-    its mean is not above the target's floor reference (``"majority class"``, or ``"constant mean"``
-    for regression) on the headline split and metric. Headline metrics are taken to be higher-is-better.
+    its mean is not above the target's highest floor reference (``"majority class"``, or ``"constant
+    mean"`` and, for text pairs, ``"zero-shot cosine"``) on the headline split and metric. Headline metrics are taken to be higher-is-better.
 
     Args:
         summary: `aggregate` of the result rows.
@@ -168,13 +168,16 @@ def study_warnings(summary: Sequence[dict], *, baseline: str, headline: dict[str
 
 
 def _floor(references: Sequence[dict], target: str, split: str, metric: str) -> tuple[str, float] | None:
-    for name in FLOOR_REFERENCES:
-        for ref in references:
-            if (ref["reference"], ref["target"], ref["split"], ref["metric"]) == (name, target, split, metric):
-                value = float(ref["value"])
-                if math.isfinite(value):
-                    return name, value
-    return None
+    """The highest finite reference a baseline must beat on this cell: the majority class or
+    constant mean, and the zero-shot cosine where the target has one (a fine-tune below it lost
+    what the encoder knew without any training)."""
+    best = None
+    for ref in references:
+        if ref["reference"] in FLOOR_REFERENCES and (ref["target"], ref["split"], ref["metric"]) == (target, split, metric):
+            value = float(ref["value"])
+            if math.isfinite(value) and (best is None or value > best[1]):
+                best = ref["reference"], value
+    return best
 
 
 def other_metrics(headline: dict[str, tuple[str, str]], metrics: dict[str, Sequence[str]]) -> list[dict]:

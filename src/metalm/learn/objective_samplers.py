@@ -88,13 +88,18 @@ class MometasSampler:
         validation_batch_size: examples per objective in each meta-test.
         reward_names: the tasks whose meta-test losses make R(τ) (default: every task in ``names``);
             e.g. only a target's held-out rows, the loss that matters, while the sampler draws others.
+        reward_baseline: None for the paper's update; a decay d in [0, 1) subtracts from each R(τ)
+            the bias-corrected moving average b of the earlier rewards (b ← d·b + (1 − d)·R, the
+            REINFORCE baseline of Williams 1992; not in Wu et al.). The expected update is unchanged;
+            a trajectory is then credited for being better than usual, not merely for a positive R,
+            which every trajectory gets while all losses still fall.
     """
 
     needs_encoder_grad_norm = False
 
     def __init__(self, names: Sequence[str], *, seed: int, update_every: int = 100, meta_lr: float = 0.1,
                  entropy_weight: float = 0.0, reward_kind: Reward = "relative", validation_batch_size: int = 32,
-                 reward_names: Sequence[str] | None = None):
+                 reward_names: Sequence[str] | None = None, reward_baseline: float | None = None):
         if update_every < 1:
             raise ValueError(f"update_every (K) must be >= 1, got {update_every}")
         if reward_names is not None and (not reward_names or set(reward_names) - set(names)):
@@ -102,6 +107,10 @@ class MometasSampler:
                              f"got {list(reward_names)}")
         self.reward_names = tuple(reward_names) if reward_names is not None else tuple(names)
         reward({}, {}, kind=reward_kind)  # fails early on an unknown kind
+        if reward_baseline is not None and not 0.0 <= reward_baseline < 1.0:
+            raise ValueError(f"sampler.reward_baseline must be a decay in [0, 1) (or null), got {reward_baseline}")
+        self.reward_baseline = reward_baseline
+        self.reward_average, self.rewards_seen = 0.0, 0  # the baseline's moving average, before bias correction
         self.names = tuple(names)
         self.update_every, self.meta_lr, self.entropy_weight = update_every, meta_lr, entropy_weight
         self.reward_kind, self.validation_batch_size = reward_kind, validation_batch_size
@@ -134,17 +143,29 @@ class MometasSampler:
         record = {"step": self.steps, "probabilities": self.probabilities.tolist(), "losses": losses}
         if self.baseline is not None:
             value = reward(self.baseline, {n: losses[n] for n in self.reward_names}, kind=self.reward_kind)
-            grad = mometas_gradient(self.logits, self.counts, value, entropy_weight=self.entropy_weight)
+            credit = value - self.expected_reward()
+            grad = mometas_gradient(self.logits, self.counts, credit, entropy_weight=self.entropy_weight)
             self.logits = self.logits + self.meta_lr * grad
             record.update(reward=value, trajectory=self.counts.tolist())
+            if self.reward_baseline is not None:
+                record["advantage"] = credit
+                d = self.reward_baseline
+                self.reward_average, self.rewards_seen = d * self.reward_average + (1 - d) * value, self.rewards_seen + 1
         self.baseline = losses
         self.counts = np.zeros(len(self.names))
         record["new_probabilities"] = self.probabilities.tolist()
         self.history.append(record)
 
+    def expected_reward(self) -> float:
+        """The reward baseline b: 0 without ``reward_baseline`` or before any reward."""
+        if self.reward_baseline is None or not self.rewards_seen:
+            return 0.0
+        return self.reward_average / (1.0 - self.reward_baseline ** self.rewards_seen)
+
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "logits": self.logits.tolist(), "counts": self.counts.tolist(),
-                "steps": self.steps, "baseline": self.baseline, "history": self.history}
+                "steps": self.steps, "baseline": self.baseline, "history": self.history,
+                "reward_average": self.reward_average, "rewards_seen": self.rewards_seen}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -153,6 +174,8 @@ class MometasSampler:
         self.steps = int(state["steps"])
         self.baseline = dict(state["baseline"]) if state["baseline"] is not None else None
         self.history = list(state["history"])
+        self.reward_average = float(state.get("reward_average", 0.0))
+        self.rewards_seen = int(state.get("rewards_seen", 0))
 
 
 def signal_probabilities(values: np.ndarray, *, scaling: Literal["proportional", "sigmoid"]) -> np.ndarray:

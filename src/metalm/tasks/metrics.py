@@ -49,14 +49,16 @@ def matthews(predictions, references) -> float:
 
 def pearson(predictions, references) -> float:
     p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
-    if p.std() == 0 or r.std() == 0:
-        return 0.0  # undefined; a constant predictor has no correlation
+    if np.ptp(p) == 0 or np.ptp(r) == 0:
+        # Undefined; a constant predictor has no correlation. (Not ``std() == 0``: the std of many
+        # copies of one float can come out as 1e-16, and scipy then returns nan.)
+        return 0.0
     return float(stats.pearsonr(p, r)[0])
 
 
 def spearman(predictions, references) -> float:
     p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
-    if p.std() == 0 or r.std() == 0:
+    if np.ptp(p) == 0 or np.ptp(r) == 0:
         return 0.0
     return float(stats.spearmanr(p, r)[0])
 

@@ -64,6 +64,13 @@ class TaskSpec:
     """Accept rows whose text field is empty (an error otherwise: an empty text is usually a broken row)."""
     allow_extra_fields: bool = False
     """Delimited files with a header: accept rows with more fields than the header names."""
+    filter: dict[str | int, str | tuple[str, ...]] | None = None
+    """tsv / csv / jsonl: keep only the rows whose column (header name, JSON key, or 0-based index
+    without a header) holds this value or one of these values, in every split; e.g. ``{lang: en}``."""
+    split_filters: dict[str, dict[str | int, str | tuple[str, ...]]] | None = None
+    """Split -> a filter as ``filter`` for that split alone, for one file that holds several splits
+    in a column (``files: {train: all.tsv, dev: all.tsv}``, ``split_filters: {train: {subset: TRAIN},
+    dev: {subset: DEV}}``)."""
     labels: tuple[str, ...] | None = None
     """Label names in index order (classification kinds)."""
     metrics: tuple[str, ...] = ("accuracy",)
@@ -105,6 +112,14 @@ class TaskSpec:
         if self.kind == "pair_classification" and self.format not in ("hub", "analogy") \
                 and "text_b" not in self.columns:
             raise cfg.ConfigError(f"task {self.name}: a pair task needs columns.text_b")
+        if (self.filter or self.split_filters) and self.format not in ("tsv", "csv", "jsonl"):
+            raise cfg.ConfigError(f"task {self.name}: filter and split_filters apply to tsv, csv and jsonl files, "
+                                  f"not format {self.format}")
+        unknown = sorted(set(self.split_filters or {}) - set(self.files) - {"all"})
+        if unknown or (self.split_filters and self.split_ratios):
+            raise cfg.ConfigError(f"task {self.name}: split_filters names "
+                                  + (f"split(s) {unknown} that are not in files {sorted(self.files)}" if unknown else
+                                     "splits of a file cut by split_ratios; use filter, which applies before the cut"))
         if "all" in self.files and not self.split_ratios:
             raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
 
@@ -173,7 +188,7 @@ def read_split(spec: TaskSpec, split: str, *, root: str | Path, glue: str | Path
         return parts[split]
     if split not in spec.files:
         raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(spec.files)})")
-    return _read_file(spec, resolve_path(spec.files[split], root=root, glue=glue), parse)
+    return _read_file(spec, resolve_path(spec.files[split], root=root, glue=glue), parse, split=split)
 
 
 _SPLIT_MEMO: dict[tuple, dict[str, list[Record]]] = {}
@@ -194,15 +209,26 @@ def _parser(spec: TaskSpec):
     return label_parser("score" if spec.kind == "regression" else "class", spec.labels)
 
 
-def _read_file(spec: TaskSpec, path: Path, parse) -> list[Record]:
+def row_filter(spec: TaskSpec, split: str | None) -> dict[str | int, frozenset[str]] | None:
+    """Column -> the values a row may hold there, from ``filter`` and the split's ``split_filters``."""
+    merged: dict[str | int, frozenset[str]] = {}
+    for part in (spec.filter or {}, (spec.split_filters or {}).get(split, {}) if split else {}):
+        for column, values in part.items():
+            allowed = frozenset([values] if isinstance(values, str) else values)
+            merged[column] = merged[column] & allowed if column in merged else allowed
+    return merged or None
+
+
+def _read_file(spec: TaskSpec, path: Path, parse, split: str | None = None) -> list[Record]:
+    keep = row_filter(spec, split)
     if spec.format in ("tsv", "csv"):
         return read_delimited(path, columns=spec.columns, parse_label=parse,
                               delimiter="\t" if spec.format == "tsv" else ",", header=spec.header,
                               quoting=spec.quoting, comment_prefix=spec.comment_prefix, encoding=spec.encoding,
                               skip_unlabelled=spec.skip_unlabelled, allow_empty_text=spec.allow_empty_text,
-                              allow_extra_fields=spec.allow_extra_fields)
+                              allow_extra_fields=spec.allow_extra_fields, keep=keep)
     if spec.format == "jsonl":
-        return read_jsonl(path, columns=spec.columns, parse_label=parse, encoding=spec.encoding)
+        return read_jsonl(path, columns=spec.columns, parse_label=parse, encoding=spec.encoding, keep=keep)
     if spec.format == "conll":
         return read_conll(path, parse_label=parse, encoding=spec.encoding)
     if spec.format == "fasttext":

@@ -18,7 +18,7 @@ import numpy as np
 from metalm import config as cfg
 from metalm.config import to_dict
 from metalm.data.batching import Batch, collate
-from metalm.data.cache import cached_columns, file_digest
+from metalm.data.cache import cache_key, cached_columns, file_digest
 from metalm.data.columns import row_lengths
 from metalm.data.sampling import StratumTooSmall, holdout, rows_digest, subsample
 from metalm.data.tokenize import IGNORE_INDEX, tokenize_records
@@ -36,6 +36,9 @@ class Task:
     pad_id: int
     rows_read: dict | None = None
     """When the training split is restricted to a cell's rows: {rows, of, indices_sha256}."""
+    fingerprint: str | None = None
+    """A digest of what the tokens came from (the spec, each file's bytes, the tokenizer and length);
+    a resumed run refuses to continue on a task whose fingerprint changed."""
 
     @property
     def name(self) -> str:
@@ -155,10 +158,11 @@ def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path |
     """
     wanted = tuple(splits) if splits is not None else spec.splits
     tok_id = tokenizer_fingerprint(tokenizer)
-    loaded = {}
+    loaded, keys = {}, []
     for split in wanted:
         key = {"spec": _tokenized_spec(spec), "split": split, "source": source, "tokenizer": tok_id,
                "max_length": max_length, "files": _digests(spec, root, glue, source)}
+        keys.append(key)
 
         def build(split=split):
             records = read_split(spec, split, root=root, glue=glue, source=source)
@@ -167,13 +171,15 @@ def load_task(spec: TaskSpec, tokenizer, *, root: str | Path, glue: str | Path |
                                     separate_pair=spec.pair_encoding == "bi")
 
         loaded[split] = cached_columns(key, build, cache_dir)
-    return Task(spec=spec, splits=loaded, pad_id=tokenizer.pad_token_id or 0)
+    return Task(spec=spec, splits=loaded, pad_id=tokenizer.pad_token_id or 0,
+                fingerprint=cache_key({"task": spec.name, "splits": keys}))
 
 
 def _tokenized_spec(spec: TaskSpec) -> dict:
     """The spec as the cache key sees it: head options leave the tokens alone, and a cross-encoded
     pair keeps the key it had before ``pair_encoding`` existed."""
-    key = {k: v for k, v in to_dict(spec).items() if k not in ("head", "cosine_scale")}
+    key = {k: v for k, v in to_dict(spec).items() if k not in ("head", "cosine_scale")
+           and not (k in ("filter", "split_filters") and v is None)}  # keys from before filters existed
     if key.get("pair_encoding") == "cross":
         del key["pair_encoding"]
     return key

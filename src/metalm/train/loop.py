@@ -20,7 +20,7 @@ from metalm.data.batching import BatchStream, to_device
 from metalm.learn.algorithms import Algorithm, Episode
 from metalm.learn.samplers import Sampler
 from metalm.tasks.task import Task
-from metalm.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     save_checkpoint)
 from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
@@ -38,6 +38,8 @@ class LoopResult:
     step: int
     last_loss: float
     evaluations: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    """Steps skipped for a non-finite loss or gradient (``skip_nonfinite``), over the whole run."""
 
 
 def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, int], seed: int,
@@ -52,6 +54,40 @@ def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, in
     return streams
 
 
+def input_fingerprints(tasks: Mapping[str, Task]) -> dict[str, dict]:
+    """Task -> what its training data came from: ``Task.fingerprint`` (spec, files, tokenizer) and
+    the digest of the cell's rows; tasks that carry neither (corpus objectives) are left out."""
+    out = {}
+    for name, task in tasks.items():
+        entry = {"fingerprint": getattr(task, "fingerprint", None),
+                 "rows": (getattr(task, "rows_read", None) or {}).get("indices_sha256")}
+        if any(entry.values()):
+            out[name] = entry
+    return out
+
+
+def check_same_inputs(checkpoint: Path, then: Mapping | None, now: Mapping) -> None:
+    """Refuses a resume whose tasks' data or specs changed since the checkpoint was written (a
+    checkpoint from before fingerprints were recorded is not checked)."""
+    if then is None:
+        return
+    changed = sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
+    if changed:
+        what = ", ".join(f"{n} ({_what_changed(then.get(n), now.get(n))})" for n in changed)
+        raise CheckpointError(f"{checkpoint}: cannot resume: the inputs changed since this checkpoint was written: "
+                              f"{what}. Restore them, or start afresh with --overwrite or another output_dir")
+
+
+def _what_changed(then: Mapping | None, now: Mapping | None) -> str:
+    if then is None:
+        return "not in the checkpoint's run"
+    if now is None:
+        return "no longer in the run"
+    parts = [label for key, label in (("fingerprint", "spec, files or tokenizer"), ("rows", "rows of the cell"))
+             if then.get(key) != now.get(key)]
+    return " and ".join(parts)
+
+
 def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: Algorithm, sampler: Sampler,
                optimizer: torch.optim.Optimizer, scheduler, steps: int, batch_size: int | Mapping[str, int],
                seed: int, run_dir: str | Path, tasks_per_step: int = 1, clip_norm: float | None = 1.0,
@@ -61,7 +97,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                tensorboard: bool = True, precision: str = "fp32",
                group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
                stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
-               before_step: Callable[[int], None] | None = None) -> LoopResult:
+               before_step: Callable[[int], None] | None = None, skip_nonfinite: int = 0) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -78,6 +114,9 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             sampled ones (Xue Eq. 1); the sampler still receives ``update`` but draws nothing.
         before_step: called with the number of steps done before each step (also after a resume),
             e.g. ``Reptile.at_step`` for a decaying inner learning rate.
+        skip_nonfinite: how many steps with a non-finite loss or gradient norm may be skipped
+            (no parameter, optimiser or sampler update; the schedule still advances; a ``skipped``
+            log event each); the next such step raises `TrainingDiverged`, as the first does at 0.
     """
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
@@ -88,8 +127,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         note(f"removed {stale} unfinished checkpoint write(s) under {Path(run_dir) / 'checkpoints'}")
     checkpoint = latest_checkpoint(run_dir, warn=lambda m: note(f"warning: {m}")) if resume else None
     machine = {"threads": torch.get_num_threads(), "device": str(device)}
+    inputs = input_fingerprints(tasks)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        check_same_inputs(checkpoint, state.get("inputs"), inputs)
         start = state["step"]
         then = state.get("machine")
         if then is not None and then != machine:
@@ -99,7 +140,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         for name, stream_state in state["streams"].items():
             streams[name].load_state_dict(stream_state)
     logger = RunLogger(run_dir, resume_step=start if checkpoint is not None else None, tensorboard=tensorboard)
-    result = LoopResult(step=start, last_loss=float("nan"))
+    result = LoopResult(step=start, last_loss=float("nan"),
+                        skipped=int(state.get("skipped", 0)) if checkpoint is not None else 0)
     model.train()
     if checkpoint is not None:
         note(f"resumed {run_dir} from step {start} ({checkpoint})")
@@ -122,23 +164,35 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             if getattr(sampler, "needs_encoder_grad_norm", False):
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(model, clip_norm)
-            if not (math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)):
-                names = sorted({e.task for e in episodes} | {t for e in episodes for t in e.support_tasks})
-                raise TrainingDiverged(f"{run_dir}: step {step + 1}: loss {stats.get('loss')} and gradient norm "
-                                       f"{grad_norm} on task(s) {', '.join(names)}; nothing was updated at this "
-                                       "step (lower the learning rate, or check the data)")
-            optimizer.step()
-            scheduler.step()
-            sampler.update({"tasks": [e.task for e in episodes], **stats})
+            finite = math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)
             done = step + 1
             stopping = False
-            with mixed():
-                _meta_test(sampler, model, tasks, done, seed)
-            result.step, result.last_loss = done, stats.get("loss", float("nan"))
-            if log_every and (done % log_every == 0 or done == steps):
-                logger.log({"event": "train", "step": done, "task": episodes[0].task,
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
-                bar.set_postfix(loss=f"{result.last_loss:.4f}")
+            if not finite:
+                names = sorted({e.task for e in episodes} | {t for e in episodes for t in e.support_tasks})
+                what = f"step {done}: loss {stats.get('loss')} and gradient norm {grad_norm} on task(s) {', '.join(names)}"
+                if result.skipped >= skip_nonfinite:
+                    limit = (f" after {result.skipped} skipped step(s) (train.skip_nonfinite: {skip_nonfinite})"
+                             if skip_nonfinite else " (train.skip_nonfinite can allow skipping some)")
+                    raise TrainingDiverged(f"{run_dir}: {what}; nothing was updated at this step{limit}; lower the "
+                                           "learning rate, or check the data")
+                result.skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()  # the schedule keeps its length; parameters, moments and sampler stay
+                note(f"warning: {run_dir}: skipped {what} ({result.skipped} of at most {skip_nonfinite})")
+                logger.log({"event": "skipped", "step": done, "tasks": names, "loss": str(stats.get("loss")),
+                            "grad_norm": str(grad_norm), "skipped": result.skipped})
+                result.step = done
+            else:
+                optimizer.step()
+                scheduler.step()
+                sampler.update({"tasks": [e.task for e in episodes], **stats})
+                with mixed():
+                    _meta_test(sampler, model, tasks, done, seed)
+                result.step, result.last_loss = done, stats.get("loss", float("nan"))
+                if log_every and (done % log_every == 0 or done == steps):
+                    logger.log({"event": "train", "step": done, "task": episodes[0].task,
+                                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
+                    bar.set_postfix(loss=f"{result.last_loss:.4f}")
             if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
                 with mixed():
                     record = {"event": "eval", "step": done, **_evaluate_all(model, tasks, eval_tasks, evaluator)}
@@ -148,7 +202,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 stopping = stop is not None and stop(result.evaluations)
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                 extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()},
-                         "machine": machine}
+                         "machine": machine, "inputs": inputs, "skipped": result.skipped}
                 save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
             if on_step is not None:
                 on_step(done)
