@@ -185,8 +185,9 @@ def test_reward_tasks_must_be_sampled_tasks():
 
 
 @pytest.mark.xfail(reason="open finding: on this constructed case the learned probability of cue fell to 0.017 "
-                          "(seed 0) instead of rising; the sampler does not yet demonstrably prefer the helpful task "
-                          "under MAML", strict=False)
+                          "(seed 0) instead of rising: a single outer step on cue raised cue's held-out loss on "
+                          "average (mean reward -0.60 after cue steps, +0.013 after noise steps), so the per-step "
+                          "reward credits noise; the construction, not yet the sampler, needs fixing", strict=False)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_learned_sampler_under_maml_comes_to_prefer_the_helpful_task(seed, tmp_path):
     """A constructed case: the reward is the relative drop of ``cue``'s validation loss; training on
