@@ -175,7 +175,6 @@ def test_skip_nonfinite_skips_a_poisoned_step_without_touching_the_model(tmp_pat
                                                                     "checkpoint_every": 1})})
     final = run_train(cfg, progress=False, tensorboard=False)
     assert all(torch.isfinite(v).all() for v in _weights(final).values())
-    checkpoints = tmp_path / "run" / "checkpoints"
     # Only the newest checkpoints are kept: compare steps 2 and 3 from a second run stopped at 3.
     _poison_clip(monkeypatch, {3})
 
@@ -191,7 +190,6 @@ def test_skip_nonfinite_skips_a_poisoned_step_without_touching_the_model(tmp_pat
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     [skipped] = [e for e in events if e.get("event") == "skipped"]
     assert skipped["step"] == 3 and skipped["tasks"] == ["cue"] and skipped["skipped"] == 1
-    assert checkpoints.exists()
     # A second poisoned step is one too many.
     _poison_clip(monkeypatch, {2, 4})
     with pytest.raises(TrainingDiverged, match=r"step 4: .* after 1 skipped step\(s\) \(train.skip_nonfinite: 1\)"):

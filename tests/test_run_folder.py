@@ -170,3 +170,14 @@ def test_a_full_disk_during_a_run_is_one_error_line(tmp_path, capsys, monkeypatc
         assert "optimizer.safetensors: No space left on device" in lines[0]
         assert ("Traceback" in err) == bool(verbose)
         assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
+    """The config reader is a SafeLoader subclass: a python/object tag is a YAML error, never a call."""
+    from metalm.config import read_yaml
+
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.yaml").write_text(f"x: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "evil.yaml")
+    assert not marker.exists()

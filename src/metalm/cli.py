@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in FILE_SYSTEM_ERRNOS:
             raise  # not the user's file system: an internal error keeps its traceback
         where = f"{err.filename}: " if err.filename else ""
-        print(f"metalm: error: {where}{err.strerror or err} (what was written before is intact: every file is "
-              "written to a temporary name and renamed into place; free space or fix the permissions, then "
-              "--resume)", file=sys.stderr)
+        print(f"metalm: error: {where}{err.strerror or err} (checkpoints are written to a temporary folder and "
+              "renamed into place, so the last one is intact; free space or fix the permissions, then --resume)",
+              file=sys.stderr)
         _cause(err, args.verbose)
         return 2
     return 0

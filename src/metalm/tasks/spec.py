@@ -115,7 +115,7 @@ class TaskSpec:
         if (self.filter or self.split_filters) and self.format not in ("tsv", "csv", "jsonl"):
             raise cfg.ConfigError(f"task {self.name}: filter and split_filters apply to tsv, csv and jsonl files, "
                                   f"not format {self.format}")
-        unknown = sorted(set(self.split_filters or {}) - set(self.files) - {"all"})
+        unknown = sorted(set(self.split_filters or {}) - set(self.files))
         if unknown or (self.split_filters and self.split_ratios):
             raise cfg.ConfigError(f"task {self.name}: split_filters names "
                                   + (f"split(s) {unknown} that are not in files {sorted(self.files)}" if unknown else
