@@ -7,6 +7,7 @@ Hub source (``nyu-mll/glue``), used with ``data.source=hub``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from metalm import config as cfg
@@ -116,6 +117,14 @@ for _name in ("MR", "CR", "SUBJ", "MPQA"):
         columns={"text_a": 1, "label": 0}, labels=BINARY, metrics=("accuracy",),
         allow_empty_text=_name == "CR",  # CR's train.tsv has one labelled row with no sentence (line 1763)
         description=f"SentEval {_name}: binary sentence classification"))
+
+# STS-B as a bi-encoder: each sentence pooled on its own, scored as 5 x relu(cos) (Xue §4.1). For a
+# mean-pooled sentence encoder such as MiniLM a cross-encoded fresh head starts far below the
+# encoder's own zero-shot cosine, so low-resource STS-B studies use this form.
+_BUILTIN.append(dataclasses.replace(
+    next(spec for spec in _BUILTIN if spec.name == "stsb"), name="stsb_bi", pair_encoding="bi",
+    cosine_scale=5.0, eval_splits=("dev",),
+    description="STS-B as a bi-encoder: 5 x relu(cos) of the two pooled sentences (Pearson / Spearman)"))
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _BUILTIN}
 
