@@ -291,7 +291,9 @@ def test_build_algorithm_settings():
 
 
 class StubTask:
-    """Just what the training loop reads from a task: a size and batches by index."""
+    """Just what the training loop reads from a task (``metalm.contracts.Task``): a size and batches by index."""
+
+    fingerprint = rows_read = None
 
     def __init__(self, num_labels: int):
         self.num_labels = num_labels

@@ -84,6 +84,8 @@ def test_bf16_keeps_parameters_and_optimiser_in_float32_through_the_loop(tmp_pat
     from metalm.train.loop import train_loop
 
     class Stub:
+        fingerprint = rows_read = None
+
         def __init__(self, task):
             self.task = task
 

@@ -38,6 +38,8 @@ def test_joint_step_over_all_tasks_is_the_sum_of_single_task_gradients(reduction
 
 
 class _Rows:
+    fingerprint = rows_read = None
+
     def __init__(self, name):
         self.name = name
 
@@ -49,6 +51,12 @@ class _Rows:
 
 
 class _NoDraw:
+    history = None
+
+    def request(self, done):
+        from metalm.contracts import NO_FEEDBACK
+        return NO_FEEDBACK
+
     def sample(self):
         raise AssertionError("all_tasks must not draw tasks from the sampler")
 
@@ -58,6 +66,13 @@ class _NoDraw:
 
 class _Record:
     support_batches = 0
+    cross_task_support = False
+
+    def support_steps(self, task):
+        return 0
+
+    def at_step(self, step):
+        pass
 
     def __init__(self):
         self.steps = []

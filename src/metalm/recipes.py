@@ -103,9 +103,8 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
                precision=cfg.precision, group_by_length=settings.group_by_length,
-               all_tasks=settings.step_tasks == "all", skip_nonfinite=settings.skip_nonfinite,
-               before_step=algorithm.at_step if settings.inner_lr_decay_every else None)
-    if hasattr(sampler, "history"):  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
+               all_tasks=settings.step_tasks == "all", skip_nonfinite=settings.skip_nonfinite)
+    if sampler.history is not None:  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))
     tmp = out / ".final-tmp"

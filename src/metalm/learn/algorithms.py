@@ -9,36 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from torch import nn
 
-from metalm.data.batching import Batch
+from metalm.contracts import Algorithm, Episode, StepStats  # noqa: F401  (the contracts, re-exported)
 from metalm.learn.maml import MAML
 from metalm.learn.reptile import Reptile
-
-
-@dataclass(frozen=True)
-class Episode:
-    task: str
-    """The task of the query batch (and of the support batches unless ``support_tasks`` says otherwise)."""
-    support: tuple[Batch, ...]
-    query: Batch
-    support_tasks: tuple[str, ...] = ()
-    """Task of each support batch when they differ (Lv et al.: inner batches drawn across tasks)."""
-
-    def support_task(self, i: int) -> str:
-        return self.support_tasks[i] if self.support_tasks else self.task
-
-
-class Algorithm(Protocol):
-    support_batches: int
-    """How many support batches each episode needs."""
-
-    def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
-        """Writes ``.grad`` on the parameters it trains; returns scalar statistics."""
-        ...
 
 
 class MultiTask:
@@ -47,13 +24,20 @@ class MultiTask:
     ``all_tasks``) this is Xue's Eq. 1 with λ_i = 1."""
 
     support_batches = 0
+    cross_task_support = False
 
     def __init__(self, *, reduction: str = "mean"):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected mean or sum, got {reduction!r}")
         self.reduction = reduction
 
-    def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
+    def support_steps(self, task: str) -> int:
+        return 0
+
+    def at_step(self, step: int) -> None:
+        """No schedule of its own."""
+
+    def step(self, model: nn.Module, episodes: Sequence[Episode]) -> StepStats:
         total = 0.0
         scale = len(episodes) if self.reduction == "mean" else 1
         for episode in episodes:

@@ -160,6 +160,12 @@ class MAML:
         if self.inner_optimizer is not None and recompute_inner_steps and not first_order:
             raise ValueError("recompute_inner_steps supports the SGD inner loop only (inner_optimizer: sgd)")
 
+    def support_steps(self, task: str) -> int:
+        return self.inner_steps
+
+    def at_step(self, step: int) -> None:
+        """No schedule of its own."""
+
     def step(self, model: nn.Module, episodes: Sequence[Episode]) -> dict[str, float]:
         """Adds the mean meta-gradient into ``.grad``; returns ``loss`` and ``support_loss``."""
         grads, stats = maml_grads(model, episodes, inner_lr=self.inner_lr, first_order=self.first_order,

@@ -4,10 +4,10 @@ All follow the ``Sampler`` protocol of ``metalm.learn.samplers`` and hold only n
 training loop computes their feedback and passes it to ``update`` as a dict, so no sampler
 sees the model. Feedback keys:
 
-- every step: ``tasks`` (the step's objectives), ``loss`` and, when the sampler sets
-  ``needs_encoder_grad_norm``, ``encoder_grad_norm`` (L2 norm of the encoder's gradients);
-- after step ``s`` where ``wants_validation(s)`` (and at step 0): ``validation_losses``,
-  objective -> loss on a fixed validation batch (the meta-test).
+- every step: ``tasks`` (the step's objectives), ``loss`` and, when ``request`` asks for it,
+  ``encoder_grad_norm`` (L2 norm of the encoder's gradients);
+- after step ``s`` where ``request(s).validation`` (and at step 0): ``validation_losses``,
+  objective -> loss on a validation batch (the meta-test). ``metalm.contracts`` has the types.
 
 ``SignalSampler`` is the gradient-based (Gb) and loss-based (Lb) baseline; ``MometasSampler``
 is the meta-learned sampler (Algorithm 1). Their state (including the history of sampling
@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
+
+from metalm.contracts import FeedbackRequest
 
 Reward = Literal["relative", "overall", "hard"]
 
@@ -95,8 +97,6 @@ class MometasSampler:
             which every trajectory gets while all losses still fall.
     """
 
-    needs_encoder_grad_norm = False
-
     def __init__(self, names: Sequence[str], *, seed: int, update_every: int = 100, meta_lr: float = 0.1,
                  entropy_weight: float = 0.0, reward_kind: Reward = "relative", validation_batch_size: int = 32,
                  reward_names: Sequence[str] | None = None, reward_baseline: float | None = None):
@@ -131,6 +131,9 @@ class MometasSampler:
     def wants_validation(self, step: int) -> bool:
         """A meta-test after every K steps (and before training, for the first baseline)."""
         return step % self.update_every == 0 and (step > 0 or self.baseline is None)
+
+    def request(self, done: int) -> FeedbackRequest:
+        return FeedbackRequest(validation=self.wants_validation(done), validation_batch_size=self.validation_batch_size)
 
     def update(self, feedback: Mapping) -> None:
         if feedback.get("tasks"):
@@ -218,7 +221,6 @@ class SignalSampler:
             raise ValueError(f"signal must be 'gradient' or 'loss', got {signal!r}")
         signal_probabilities(np.ones(1), scaling=scaling)
         self.names, self.signal, self.update_every, self.scaling = tuple(names), signal, update_every, scaling
-        self.needs_encoder_grad_norm = signal == "gradient"
         self.rng = np.random.default_rng(seed)
         m = len(self.names)
         self.probabilities = np.full(m, 1.0 / m)
@@ -230,6 +232,13 @@ class SignalSampler:
 
     def sample(self) -> str:
         return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+
+    @property
+    def needs_encoder_grad_norm(self) -> bool:
+        return self.signal == "gradient"
+
+    def request(self, done: int) -> FeedbackRequest:
+        return FeedbackRequest(encoder_grad_norm=self.needs_encoder_grad_norm)
 
     def update(self, feedback: Mapping) -> None:
         key = "encoder_grad_norm" if self.signal == "gradient" else "loss"

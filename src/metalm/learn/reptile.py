@@ -89,6 +89,7 @@ class Reptile:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.support_batches = inner_steps
+        self.cross_task_support = False
         self.task_inner_steps = dict(task_inner_steps or {})
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
                                                      weight_decay=inner_weight_decay)
@@ -99,8 +100,14 @@ class Reptile:
         if any(k < 1 for k in self.task_inner_steps.values()):
             raise ValueError(f"task_inner_steps must be >= 1, got {self.task_inner_steps}")
 
+    def support_steps(self, task: str) -> int:
+        """A task's own k (``task_inner_steps``), else ``inner_steps``."""
+        return self.task_inner_steps.get(task, self.inner_steps)
+
     def at_step(self, step: int) -> None:
-        """Sets the inner learning rate for meta step ``step`` (0-based; the loop's ``before_step``)."""
+        """Sets the inner learning rate for meta step ``step`` (0-based; called by the loop before each step)."""
+        if not self.inner_lr_decay_every:
+            return
         self.inner_lr = step_decay_lr(self.base_inner_lr, decay=self.inner_lr_decay,
                                       every=self.inner_lr_decay_every, step=step)
         self.inner_optimizer = with_lr(self.inner_optimizer, self.inner_lr)

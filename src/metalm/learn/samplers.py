@@ -6,18 +6,11 @@ NumPy generator, whose state goes into checkpoints (JSON-serialisable).
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-
-class Sampler(Protocol):
-    names: tuple[str, ...]
-
-    def sample(self) -> str: ...
-    def update(self, feedback: Mapping) -> None: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: Mapping) -> None: ...
+from metalm.contracts import NO_FEEDBACK, FeedbackRequest, Sampler  # noqa: F401  (the contract, re-exported)
 
 
 class CategoricalSampler:
@@ -35,9 +28,13 @@ class CategoricalSampler:
         self.names = tuple(probabilities)
         self.probabilities = np.array([probabilities[n] / total for n in self.names])
         self.rng = np.random.default_rng(seed)
+        self.history = None
 
     def sample(self) -> str:
         return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+
+    def request(self, done: int) -> FeedbackRequest:
+        return NO_FEEDBACK
 
     def update(self, feedback: Mapping) -> None:
         """Fixed distributions ignore feedback."""
@@ -101,6 +98,10 @@ class MixedSampler:
         self.period, self.first_draws = period, first_draws
         self.names = tuple(dict.fromkeys(first.names + second.names))
         self.draws = 0
+        self.history = None
+
+    def request(self, done: int) -> FeedbackRequest:
+        return self.first.request(done) | self.second.request(done)
 
     def sample(self) -> str:
         use_first = self.draws % self.period < self.first_draws

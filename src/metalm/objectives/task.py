@@ -87,6 +87,9 @@ class ObjectiveTask:
         entity_prob: EMLM: the fraction of entities masked.
     """
 
+    fingerprint = None  # corpus objectives are not checked on resume (the Task contract's optional fields)
+    rows_read = None
+
     def __init__(self, *, name: str, objective: str, splits: dict[str, dict[str, list]], vocab: Vocabulary,
                  seed: int, max_length: int, mask_prob: float = 0.15, whole_word: bool = False,
                  entity_prob: float = 0.5, all_mask: bool = False):

@@ -16,10 +16,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task, trainable_grads
 from metalm.data.batching import BatchStream, to_device
-from metalm.learn.algorithms import Algorithm, Episode
-from metalm.learn.samplers import Sampler
-from metalm.tasks.task import Task
 from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     save_checkpoint)
 from metalm.train.evaluate import evaluate
@@ -49,7 +47,7 @@ def make_streams(tasks: Mapping[str, Task], *, batch_size: int | Mapping[str, in
     sizes = batch_size if isinstance(batch_size, Mapping) else {n: batch_size for n in tasks}
     streams = {}
     for i, (name, task) in enumerate(tasks.items()):
-        lengths = task.lengths("train") if group_by_length and hasattr(task, "lengths") else None
+        lengths = task.lengths("train") if group_by_length else None
         streams[name] = BatchStream(task.size("train"), sizes[name], seed=seed * 1000 + i, lengths=lengths)
     return streams
 
@@ -59,8 +57,7 @@ def input_fingerprints(tasks: Mapping[str, Task]) -> dict[str, dict]:
     the digest of the cell's rows; tasks that carry neither (corpus objectives) are left out."""
     out = {}
     for name, task in tasks.items():
-        entry = {"fingerprint": getattr(task, "fingerprint", None),
-                 "rows": (getattr(task, "rows_read", None) or {}).get("indices_sha256")}
+        entry = {"fingerprint": task.fingerprint, "rows": (task.rows_read or {}).get("indices_sha256")}
         if any(entry.values()):
             out[name] = entry
     return out
@@ -97,7 +94,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                tensorboard: bool = True, precision: str = "fp32",
                group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
                stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
-               before_step: Callable[[int], None] | None = None, skip_nonfinite: int = 0) -> LoopResult:
+               before_step: Callable[[int], None] | None = None, skip_nonfinite: int = 0,
+               comm: Communicator | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -113,11 +111,15 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         all_tasks: one episode of every task at each step, in task order, instead of ``tasks_per_step``
             sampled ones (Xue Eq. 1); the sampler still receives ``update`` but draws nothing.
         before_step: called with the number of steps done before each step (also after a resume),
-            e.g. ``Reptile.at_step`` for a decaying inner learning rate.
+            after the algorithm's own ``at_step`` (e.g. Reptile's decaying inner learning rate).
         skip_nonfinite: how many steps with a non-finite loss or gradient norm may be skipped
             (no parameter, optimiser or sampler update; the schedule still advances; a ``skipped``
             log event each); the next such step raises `TrainingDiverged`, as the first does at 0.
+        comm: the seam to other processes (``metalm.contracts.Communicator``): outer gradients are
+            averaged over processes before clipping, meta-test losses before the sampler sees them.
+            Default: one process.
     """
+    comm = comm if comm is not None else LocalCommunicator()
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
@@ -150,8 +152,9 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     try:
         if start == 0:
             with mixed():
-                _meta_test(sampler, model, tasks, 0, seed)
+                _meta_test(sampler, model, tasks, 0, seed, comm)
         for step in bar:
+            algorithm.at_step(step)
             if before_step is not None:
                 before_step(step)
             if all_tasks:
@@ -161,7 +164,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             optimizer.zero_grad(set_to_none=True)
             with mixed():
                 stats = algorithm.step(model, episodes)
-            if getattr(sampler, "needs_encoder_grad_norm", False):
+            comm.reduce_gradients(trainable_grads(model))
+            if sampler.request(step + 1).encoder_grad_norm:
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(model, clip_norm)
             finite = math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)
@@ -187,7 +191,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 scheduler.step()
                 sampler.update({"tasks": [e.task for e in episodes], **stats})
                 with mixed():
-                    _meta_test(sampler, model, tasks, done, seed)
+                    _meta_test(sampler, model, tasks, done, seed, comm)
                 result.step, result.last_loss = done, stats.get("loss", float("nan"))
                 if log_every and (done % log_every == 0 or done == steps):
                     logger.log({"event": "train", "step": done, "task": episodes[0].task,
@@ -220,24 +224,25 @@ def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, 
     with cross-task support each support batch's task is drawn from the sampler (Lv et al.).
     ``name`` fixes the episode's task instead of drawing it."""
     k = algorithm.support_batches
-    cross_task = getattr(algorithm, "cross_task_support", False)
+    cross_task = algorithm.cross_task_support
     if cross_task:
         names = [sampler.sample() for _ in range(k + 1)]
     else:
         name = sampler.sample() if name is None else name
-        names = [name] * (getattr(algorithm, "task_inner_steps", {}).get(name, k) + 1)
+        names = [name] * (algorithm.support_steps(name) + 1)
     batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
                    support_tasks=tuple(names[:-1]) if cross_task else ())
 
 
-def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Task], done: int, seed: int) -> None:
-    """Validation losses of every task for samplers that ask for them (MOMETAS) after ``done`` steps
-    (train mode, seeded dropout and rows: ``validation_losses``)."""
-    wants = getattr(sampler, "wants_validation", None)
-    if wants is not None and wants(done):
-        sampler.update({"validation_losses": validation_losses(
-            model, tasks, batch_size=sampler.validation_batch_size, seed=seed, step=done)})
+def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Task], done: int, seed: int,
+               comm: Communicator) -> None:
+    """Validation losses of every task for samplers that request them (MOMETAS) after ``done`` steps
+    (train mode, seeded dropout and rows: ``validation_losses``), averaged over processes."""
+    request = sampler.request(done)
+    if request.validation:
+        losses = validation_losses(model, tasks, batch_size=request.validation_batch_size, seed=seed, step=done)
+        sampler.update({"validation_losses": comm.reduce_mean(losses)})
 
 
 def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
