@@ -85,7 +85,7 @@ def test_task_lengths_and_train_loop_streams(data_root, tokenizer, cache_dir):
     assert task.lengths("dev").tolist() == expected == again.lengths("dev").tolist()
     streams = make_streams({"mlm_like": _Sized(10), "rte": _TrainAlias(again)}, batch_size=4, seed=0,
                            group_by_length=True)
-    assert streams["mlm_like"].lengths is None  # no lengths(): plain batches
+    assert streams["mlm_like"].lengths is None  # lengths() gives None: plain batches
     assert streams["rte"].lengths.tolist() == expected
 
 
@@ -95,6 +95,9 @@ class _Sized:
 
     def size(self, split: str = "train") -> int:
         return self.n
+
+    def lengths(self, split: str = "train"):
+        return None  # a task that does not know its row lengths
 
 
 class _TrainAlias:
