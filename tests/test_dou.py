@@ -154,7 +154,6 @@ def test_learned_sampler_rewards_only_held_out_rows(tmp_path):
     rows it trains on; without held-out rows a learned sampler is refused."""
     from metalm.recipes import build_stage_tasks, check_held_out
     from metalm.schema import DataConfig, EncoderConfig, SubsampleConfig, TrainConfig, TrainSettings
-    from metalm.train.feedback import validation_split
     from metalm.builders import build_model
 
     specs = write_tasks(tmp_path)
@@ -168,7 +167,7 @@ def test_learned_sampler_rewards_only_held_out_rows(tmp_path):
         return build_stage_tasks(specs, tokenizer, cfg)
 
     held = stage(0.25)
-    assert validation_split(held["cue"]) == "selection" and validation_split(held["noise"]) == "dev"
+    assert held["cue"].held_out_split() == "selection" and held["noise"].held_out_split() == "dev"
     # The cell (half of 64 rows) is split into training rows and held-out rows; stage.json counts only the former.
     assert held["cue"].size("selection") > 0 and held["cue"].size("train") + held["cue"].size("selection") == 32
     assert held["cue"].training_rows_read()["rows"] == held["cue"].size("train")

@@ -304,6 +304,9 @@ class StubTask:
     def batch(self, split: str, indices) -> dict[str, torch.Tensor]:
         return make_batch(sum(indices), num_labels=self.num_labels)
 
+    def held_out_split(self) -> str:
+        return "train"  # a stub has one split; a meta-test over it reads training batches
+
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
 def test_train_loop_runs_meta_algorithms(name, tmp_path):

@@ -114,6 +114,11 @@ class Task(Protocol):
         """(rows,) tokens per row, for length-grouped batches; None: the task cannot tell (plain batches)."""
         ...
 
+    def held_out_split(self) -> str:
+        """The split a meta-test (a learned sampler's reward) reads: rows the task does not train on,
+        or ``train`` when it has none (a stage that needs held-out rows then refuses the task)."""
+        ...
+
 
 @runtime_checkable
 class Algorithm(Protocol):
@@ -193,11 +198,5 @@ class LocalCommunicator:
         return dict(values)
 
 
-def trainable_grads(model: nn.Module) -> list[Tensor]:
-    """The parameters that received a gradient this step (what the seam exchanges)."""
-    return [p for p in model.parameters() if p.grad is not None]
-
-
 __all__ = ["Algorithm", "Batch", "Communicator", "Episode", "Feedback", "FeedbackRequest", "InnerOptimizer",
-           "LocalCommunicator", "NO_FEEDBACK", "Params", "Sampler", "StepStats", "Task",
-           "trainable_grads"]
+           "LocalCommunicator", "NO_FEEDBACK", "Params", "Sampler", "StepStats", "Task"]

@@ -123,10 +123,8 @@ STAGE_FILE = "stage.json"
 def check_held_out(tasks) -> None:
     """A learned sampler's reward must come from rows the stage does not train on: refuses a task
     whose meta-test would read its training split (a target subsampled without held-out rows)."""
-    from metalm.train.feedback import validation_split
-
     for name, task in tasks.items():
-        if validation_split(task) == "train":
+        if task.held_out_split() == "train":
             raise ConfigError(f"train.sampler.kind=mometas: task {name} has no held-out split in this stage, so its "
                               "meta-test reward would read its training rows; in an experiment, set finetune.select: "
                               "best so that each cell holds out finetune.validation_fraction of its rows, or drop "

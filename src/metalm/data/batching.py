@@ -7,9 +7,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from metalm.contracts import Batch  # noqa: F401  (defined with the other contracts, re-exported)
 from metalm.data.tokenize import IGNORE_INDEX
-
-Batch = dict[str, torch.Tensor]
 
 
 def collate(columns: Mapping[str, Sequence], indices: Sequence[int], *, pad_id: int) -> Batch:

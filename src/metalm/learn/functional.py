@@ -19,10 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from metalm.data.batching import Batch
+from metalm.contracts import Batch, Params  # noqa: F401  (Params re-exported)
 from metalm.tasks.kinds import task_loss
-
-Params = dict[str, Tensor]
 LossFn = Callable[[Params, Batch], Tensor]
 
 

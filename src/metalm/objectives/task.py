@@ -119,6 +119,10 @@ class ObjectiveTask:
     def size(self, split: str = "train") -> int:
         return len(self.rows[split])
 
+    def held_out_split(self) -> str:
+        """The corpus's ``validation`` sentences (``train`` when the split left none)."""
+        return "validation" if self.rows.get("validation") else "train"
+
     def lengths(self, split: str = "train") -> np.ndarray:
         """(rows,) tokens of every row's sequence with special tokens, before corruption (for
         length-grouped batches; pair objectives: the sentence and its next one)."""

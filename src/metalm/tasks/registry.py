@@ -123,7 +123,6 @@ for _name in ("MR", "CR", "SUBJ", "MPQA"):
 # encoder's own zero-shot cosine, so low-resource STS-B studies use this form.
 _BUILTIN.append(dataclasses.replace(
     next(spec for spec in _BUILTIN if spec.name == "stsb"), name="stsb_bi", pair_encoding="bi",
-    cosine_scale=5.0, eval_splits=("dev",),
     description="STS-B as a bi-encoder: 5 x relu(cos) of the two pooled sentences (Pearson / Spearman)"))
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _BUILTIN}

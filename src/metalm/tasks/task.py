@@ -61,6 +61,14 @@ class Task:
         """(rows,) tokens of every row of ``split`` (for length-grouped batches)."""
         return row_lengths(self._columns(split)["input_ids"])
 
+    def held_out_split(self) -> str:
+        """``validation`` when loaded, else ``selection`` (a target's rows held out of a stage's cell),
+        else the spec's first non-empty eval split, else ``train``."""
+        for split in ("validation", "selection", *self.spec.eval_splits):
+            if split in self.splits and self.size(split) > 0:
+                return split
+        return "train"
+
     def _columns(self, split: str) -> dict[str, list]:
         if split not in self.splits:
             raise cfg.ConfigError(f"task {self.name}: split {split!r} is not loaded (have {sorted(self.splits)})")

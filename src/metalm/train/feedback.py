@@ -20,15 +20,6 @@ def encoder_grad_norm(model: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
 
-def validation_split(task) -> str:
-    """A task's held-out split: ``validation`` (corpus objectives), else ``selection`` (a target's rows
-    held out of a stage's cell), else its first eval split, else train."""
-    for split in ("validation", "selection", *task.spec.eval_splits):
-        if split in task.splits and task.size(split) > 0:
-            return split
-    return "train"
-
-
 def validation_rows(size: int, batch_size: int, *, seed: int, step: int, task_index: int) -> list[int]:
     """The rows of one task's validation batch at the meta-test after ``step`` steps: ``batch_size``
     rows drawn without replacement from ``size``, from a generator seeded by (seed, step, task), so
@@ -53,7 +44,7 @@ def validation_losses(model: torch.nn.Module, tasks: Mapping, *, batch_size: int
         torch.manual_seed(int(np.random.default_rng([seed, step]).integers(2**62)))
         losses = {}
         for i, (name, task) in enumerate(tasks.items()):
-            split = validation_split(task)
+            split = task.held_out_split()
             rows = validation_rows(task.size(split), batch_size, seed=seed, step=step, task_index=i)
             losses[name] = float(model.loss(name, to_device(task.batch(split, rows), device)))
         return losses

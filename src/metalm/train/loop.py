@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task, trainable_grads
+from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task
 from metalm.data.batching import BatchStream, to_device
 from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     save_checkpoint)
@@ -164,10 +164,11 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             optimizer.zero_grad(set_to_none=True)
             with mixed():
                 stats = algorithm.step(model, episodes)
-            comm.reduce_gradients(trainable_grads(model))
+            params = [p for p in model.parameters() if p.grad is not None]
+            comm.reduce_gradients(params)
             if sampler.request(step + 1).encoder_grad_norm:
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
-            grad_norm = _clip(model, clip_norm)
+            grad_norm = _clip(params, clip_norm)
             finite = math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)
             done = step + 1
             stopping = False
@@ -245,8 +246,8 @@ def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Tas
         sampler.update({"validation_losses": comm.reduce_mean(losses)})
 
 
-def _clip(model: torch.nn.Module, clip_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
+def _clip(params: list[torch.Tensor], clip_norm: float | None) -> float:
+    """The gradients' total norm before clipping (``params``: those with a gradient)."""
     if not params:
         return 0.0
     if clip_norm is None or clip_norm <= 0:
