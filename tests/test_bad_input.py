@@ -14,7 +14,7 @@ import pytest
 from metalm import config as cfg
 from metalm.data.cache import DONE
 from metalm.data.errors import DataError
-from metalm.schema import TrainConfig
+from metalm.schema import ExperimentConfig, TrainConfig
 from metalm.tasks.spec import TaskSpec, read_split
 from metalm.tasks.task import load_task
 
@@ -261,6 +261,38 @@ def test_config_wrong_type_names_the_dotted_key():
     assert "train.optim.lr" in str(info.value)
     with pytest.raises(cfg.ConfigError, match="train: required key is missing"):
         cfg.parse(TrainConfig, {})
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"algorithm": "mamll"}, "algorithm: expected one of multitask, maml, fomaml, reptile, metapretrain, got 'mamll' "
+                             "(did you mean 'maml'?)"),
+    ({"algorithm": "maml", "inner_optimizer": "adamw"}, "inner_optimizer: expected one of sgd, adam, got 'adamw'"),
+    ({"algorithm": "reptile", "first_order": True}, "first_order: algorithm 'reptile' does not take it"),
+    ({"algorithm": "reptile", "recompute_inner_steps": True}, "recompute_inner_steps: algorithm 'reptile'"),
+    ({"algorithm": "maml", "task_inner_steps": {"a": 2}}, "task_inner_steps: algorithm 'maml' does not take it "
+                                                         "(it would be ignored); it applies to reptile"),
+    ({"algorithm": "multitask", "first_order": True}, "it applies to maml, fomaml, metapretrain"),
+])
+def test_algorithm_names_and_settings_are_checked_at_parse_time(train, expected):
+    """What a run would refuse (or silently drop) is refused when the config is read, with the key's place."""
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(ExperimentConfig, {"targets": ["sst2"], "methods": [{"name": "base"}, {"name": "m", "train": train}]})
+    assert ".methods[1].train: " in str(info.value) and expected in str(info.value)
+
+
+def test_settings_an_algorithm_takes_pass_the_parse_time_check():
+    parsed = cfg.parse(ExperimentConfig, {"targets": ["sst2"], "methods": [
+        {"name": "a", "train": {"algorithm": "metapretrain", "first_order": True, "inner_steps": 3}},
+        {"name": "b", "train": {"algorithm": "reptile", "task_inner_steps": {"sst2": 2}, "inner_optimizer": "adam"}},
+        {"name": "c", "train": {"algorithm": "maml", "recompute_inner_steps": True}}]})
+    assert [m.train.algorithm for m in parsed.methods] == ["metapretrain", "reptile", "maml"]
+
+
+@pytest.mark.parametrize("schema, data", [(TrainConfig, {"train": {}, "precision": "fp16"}),
+                                          (ExperimentConfig, {"targets": ["sst2"], "methods": [{"name": "a"}], "precision": "fp16"})])
+def test_precision_is_checked_at_parse_time(schema, data):
+    with pytest.raises(cfg.ConfigError, match="precision: expected one of fp32, bf16, got 'fp16' .*use bf16"):
+        cfg.parse(schema, data)
 
 
 def test_overrides_parse_numbers():

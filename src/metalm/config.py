@@ -126,7 +126,10 @@ def _convert_dataclass(cls: type, value: Any, key: str) -> Any:
             kwargs[name] = _convert(hints[name], value[name], sub)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a check across fields (__post_init__): say where in the file it failed
+        raise ConfigError(f"{key}: {err}" if key and not str(err).startswith(key) else str(err)) from None
 
 
 def _type_name(tp: Any) -> str:

@@ -71,6 +71,12 @@ def build_algorithm(name: str, **settings) -> Algorithm:
     return ALGORITHMS[name](**settings)
 
 
+def takes_setting(name: str, key: str) -> bool:
+    """Whether algorithm ``name`` reads setting ``key`` (an alias's bound settings count as taken)."""
+    factory = ALGORITHMS[name]
+    return key in inspect.signature(factory).parameters or key in getattr(factory, "keywords", {})
+
+
 def algorithm_settings(name: str, available: dict) -> dict:
     """The subset of ``available`` settings that algorithm ``name`` takes."""
     if name not in ALGORITHMS:
