@@ -277,7 +277,7 @@ def test_finetune_per_class(tmp_path, cache, data_root):
 @pytest.mark.parametrize("setting, message", [
     # RTE train: 1249 entailment, 1241 not_entailment
     ("per_class=1245", "task rte: per_class 1245 is more than the 1241 training examples of class 'not_entailment'"),
-    ("fraction=1.5", "fraction: a fraction of the training data must be in (0, 1], got 1.5")])  # at parse time
+    ("fraction=1.5", "finetune_rte.yaml: fraction: a fraction of the training data must be in (0, 1], got 1.5")])  # at parse time
 def test_finetune_refuses_a_subsample_the_task_cannot_give(tmp_path, cache, data_root, capsys, setting, message):
     code, _ = _run(["finetune", "finetune_rte", "encoder.name=tiny", setting, f"output_dir={tmp_path / 'ft'}",
                     f"data.cache_dir={cache}", f"data.root={data_root}"])
