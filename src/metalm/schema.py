@@ -480,11 +480,20 @@ class ExperimentConfig:
     notes: str = ""
     """Printed under the table (e.g. which datasets stand in for unavailable ones)."""
     threads: int | None = None
-    """torch's CPU thread count; None: one thread for the random `tiny`/`mini` encoders (faster than
-    two for models that small), torch's default otherwise."""
+    """torch's CPU thread count (of each worker under `executor: processes`); None: one thread for
+    the random `tiny`/`mini` encoders (faster than two for models that small), torch's default
+    otherwise, and under `executor: processes` the CPU count divided by `workers`."""
+    executor: Literal["local", "processes"] = "local"
+    """local: every stage and fine-tune in this process, one after another; processes: a pool of
+    `workers` processes on this machine, each running a stage and the fine-tunes that start from
+    it (or one cell without a stage) at a time."""
+    workers: int = 2
+    """Processes of `executor: processes`."""
 
     def __post_init__(self):
         check_threads(self.threads)
+        if self.workers < 1:
+            raise ConfigError(f"workers: expected a positive number of processes, got {self.workers}")
         check_precision_name(self.precision)
         for i, fraction in enumerate(self.fractions):
             check_fraction(fraction, where=f"fractions[{i}]")

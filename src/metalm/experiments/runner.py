@@ -10,7 +10,10 @@ task that reads a target's file under another name is refused. Each stage writes
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +148,30 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[lis
         return _run_experiment(cfg, progress=progress)
 
 
+def _plan(cfg: ExperimentConfig):
+    """The targets, their fine-tuning settings, and every (method, budget, seed, target) cell, in
+    the order that lets consecutive cells share a stage (per seed, or per budget and seed)."""
+    specs = [get_task_spec(t) for t in cfg.targets]
+    finetune = target_finetune(cfg, specs)
+    jobs = [(m, b, seed, s) for m in cfg.methods for seed in cfg.seeds for b in budgets(cfg) for s in specs]
+    return specs, finetune, jobs
+
+
+def _cell(cfg: ExperimentConfig, specs, finetune, job):
+    """A cell's display name, result path, stage and recorded settings."""
+    method, budget, seed, spec = job
+    name = f"{method.name} / {spec.name} @{budget_label((budget.fraction, budget.per_class))} seed {seed}"
+    path = Path(cfg.output_dir) / "results" / _slug(method.name) / spec.name / budget.slug / f"seed-{seed}.json"
+    stage = plan_stage(cfg, method, specs, finetune, budget, seed)
+    return name, path, stage, run_settings(cfg, method, spec, finetune[spec.name], stage)
+
+
 def _run_experiment(cfg: ExperimentConfig, *, progress: bool) -> tuple[list[dict], dict[str, Path]]:
     check_precision(cfg.precision)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"method names must be unique, got {names}")
-    specs = [get_task_spec(t) for t in cfg.targets]
-    finetune = target_finetune(cfg, specs)
+    specs, finetune, jobs = _plan(cfg)
     for method in cfg.methods:
         if method.train is not None:
             listed = stage_targets(method, specs)  # refuse a leaking stage before anything runs
@@ -162,28 +182,22 @@ def _run_experiment(cfg: ExperimentConfig, *, progress: bool) -> tuple[list[dict
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
-    # Ordered so that consecutive cells share a stage (per seed, or per budget and seed).
-    jobs = [(m, b, seed, s) for m in cfg.methods for seed in cfg.seeds for b in budgets(cfg) for s in specs]
+    ran = _run_pool(cfg, specs, finetune, jobs, progress=progress) if cfg.executor == "processes" else set()
     rows: list[dict] = []
     curves: list[dict] = []
     loaded: dict[str, tuple] = {}  # stage folder -> (model, tokenizer), the latest only
-    bar = Progress(jobs, desc="fine-tune runs", enabled=progress)
-    for method, budget, seed, spec in bar:
-        cell_name = f"{method.name} / {spec.name} @{budget_label((budget.fraction, budget.per_class))} seed {seed}"
+    bar = Progress(jobs, desc="fine-tune runs", enabled=progress and not ran)
+    for job in bar:
+        method, budget, seed, spec = job
+        cell_name, path, stage, settings = _cell(cfg, specs, finetune, job)
         bar.set_postfix_str(cell_name)
-        path = out / "results" / _slug(method.name) / spec.name / budget.slug / f"seed-{seed}.json"
-        stage = plan_stage(cfg, method, specs, finetune, budget, seed)
-        settings = run_settings(cfg, method, spec, finetune[spec.name], stage)
         if path.exists():
             result = json.loads(path.read_text())
             check_same_settings(result.get("settings", {}), settings, where=f"result {path}")
-            if progress:
+            if progress and path not in ran:
                 note(f"skipped finished cell {cell_name} ({path})")
         else:
-            result = _fine_tune_cell(cfg, method, spec, finetune[spec.name], budget, seed, stage, loaded,
-                                     path=path, progress=progress)
-            result["settings"] = settings
-            write_text_atomic(path, json.dumps(result, indent=1))
+            result = _run_cell(cfg, job, finetune[spec.name], stage, settings, loaded, path=path, progress=progress)
         cell = {"method": method.name, "target": spec.name, "fraction": budget.fraction,
                 "per_class": budget.per_class, "seed": seed}
         curves.append({**cell, "curve": result["curve"]})
@@ -194,6 +208,81 @@ def _run_experiment(cfg: ExperimentConfig, *, progress: bool) -> tuple[list[dict
                              "degenerate": bool(result.get("degenerate", {}).get(split, False))})
     bar.close()
     return rows, _report(cfg, specs, finetune, rows, curves)
+
+
+def _run_cell(cfg: ExperimentConfig, job, finetune: FinetuneSettings, stage: Stage | None, settings: dict,
+              loaded: dict, *, path: Path, progress: bool) -> dict:
+    """Runs one cell (its stage first when that is not done) under the cell folder's lock, so two
+    executors never run the same cell, and writes its result file; returns the result."""
+    method, budget, seed, spec = job
+    with run_lock(path.with_suffix(""), note=note):  # claims the cell
+        if path.exists():  # another executor finished it meanwhile
+            return json.loads(path.read_text())
+        result = _fine_tune_cell(cfg, method, spec, finetune, budget, seed, stage, loaded, path=path,
+                                 progress=progress)
+        result["settings"] = settings
+        write_text_atomic(path, json.dumps(result, indent=1))
+    return result
+
+
+def worker_threads(cfg: ExperimentConfig) -> int:
+    """torch threads of each `executor: processes` worker: `threads`, else the CPUs shared out."""
+    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
+def _units(cfg: ExperimentConfig, specs, finetune, jobs) -> list[list[int]]:
+    """The pool's units of work: the unfinished cells of one stage (which run it first, then
+    fine-tune from it in turn), or one unfinished cell without a stage; largest units first."""
+    units: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        _, path, stage, _ = _cell(cfg, specs, finetune, job)
+        if not path.exists():
+            units.setdefault(str(stage.folder) if stage is not None else str(path), []).append(i)
+    return sorted(units.values(), key=len, reverse=True)
+
+
+def _run_pool(cfg: ExperimentConfig, specs, finetune, jobs, *, progress: bool) -> set[Path]:
+    """Runs every unfinished cell on a pool of `cfg.workers` processes; returns their result paths."""
+    units = _units(cfg, specs, finetune, jobs)
+    if not units:
+        return set()
+    threads = worker_threads(cfg)
+    if progress:
+        note(f"running {sum(map(len, units))} cell(s) in {len(units)} unit(s) on {cfg.workers} worker "
+             f"processes, {threads} torch thread(s) each")
+    # spawn, not fork: a forked child of a process that has started torch's thread pool can hang.
+    context = multiprocessing.get_context("spawn")
+    done: set[Path] = set()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
+        futures = [pool.submit(run_unit, cfg, unit, threads) for unit in units]
+        bar = Progress(concurrent.futures.as_completed(futures), total=len(futures), desc="units",
+                       enabled=progress)
+        try:
+            for future in bar:
+                names = future.result()  # a worker's error is raised here
+                done.update(names)
+                bar.set_postfix_str(f"{len(done)} cell(s) done")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return done
+
+
+def run_unit(cfg: ExperimentConfig, indices: list[int], threads: int) -> list[Path]:
+    """A pool worker: runs the cells ``indices`` of ``cfg``'s plan in order; returns their paths."""
+    import torch
+
+    torch.set_num_threads(threads)
+    specs, finetune, jobs = _plan(cfg)
+    loaded: dict[str, tuple] = {}
+    paths = []
+    for i in indices:
+        _, path, stage, settings = _cell(cfg, specs, finetune, jobs[i])
+        if not path.exists():
+            _run_cell(cfg, jobs[i], finetune[jobs[i][3].name], stage, settings, loaded, path=path, progress=False)
+        paths.append(path)
+    return paths
 
 
 def _fine_tune_cell(cfg: ExperimentConfig, method: MethodConfig, spec, finetune: FinetuneSettings, budget: Budget,

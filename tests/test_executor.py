@@ -1,0 +1,105 @@
+"""The `processes` executor: a pool of worker processes gives every cell exactly the result that
+one process gives, a cell is claimed before it runs, and a finished sweep resumes from its files.
+
+Runs use the random tiny encoder on the data that ships inside gensim (no data folder needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalm.config import ConfigError, parse
+from metalm.experiments.runner import run_experiment, worker_threads
+from metalm.schema import ExperimentConfig
+from metalm.train.lock import LOCK, RunFolderBusy
+
+
+def _experiment(out: Path, cache: Path, **changes) -> ExperimentConfig:
+    data = {"title": "executor test", "output_dir": str(out), "encoder": {"name": "tiny", "max_length": 32},
+            "data": {"cache_dir": str(cache)}, "threads": 1,
+            "targets": ["polarity"], "fractions": [0.2], "seeds": [0, 1],
+            "finetune": {"epochs": 1, "batch_size": 8, "eval_each_epoch": False},
+            "methods": [{"name": "none"},
+                        {"name": "joint", "train": {"tasks": ["polarity", "simlex"], "steps": 3, "batch_size": 4,
+                                                    "checkpoint_every": 0, "evaluate": False}},
+                        {"name": "reptile", "train": {"tasks": ["simlex", "wordsim"], "algorithm": "reptile",
+                                                      "steps": 2, "batch_size": 4, "inner_steps": 2,
+                                                      "checkpoint_every": 0, "evaluate": False}}]}
+    data.update(changes)
+    return parse(ExperimentConfig, data)
+
+
+def _results(out: Path) -> dict:
+    return {str(p.relative_to(out)): {k: json.loads(p.read_text())[k] for k in ("scores", "curve", "train_size")}
+            for p in sorted((out / "results").rglob("seed-*.json"))}
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_pool_of_processes_gives_each_cell_the_result_of_one_process(tmp_path, one_thread):
+    local, pooled = tmp_path / "local", tmp_path / "pooled"
+    rows_local, _ = run_experiment(_experiment(local, tmp_path / "cache"), progress=False)
+    rows_pooled, _ = run_experiment(_experiment(pooled, tmp_path / "cache", executor="processes", workers=2),
+                                    progress=False)
+    expected = _results(local)
+    assert len(expected) == 6  # 3 methods x 2 seeds
+    assert _results(pooled) == expected  # bit for bit: same seeds, same thread count
+    assert rows_pooled == rows_local
+    for seed in (0, 1):  # each stage ran once, in the worker that fine-tuned from it
+        assert (pooled / "methods" / "reptile" / f"seed-{seed}" / "final").is_dir()
+    assert not list(pooled.rglob(LOCK))  # every claim released
+
+
+def test_a_finished_pooled_sweep_resumes_from_its_files(tmp_path, one_thread, capsys):
+    cfg = _experiment(tmp_path / "out", tmp_path / "cache", executor="processes", workers=2)
+    rows, _ = run_experiment(cfg, progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "results").rglob("seed-*.json")}
+    again, _ = run_experiment(cfg, progress=True)
+    assert again == rows
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran again
+    assert capsys.readouterr().err.count("skipped finished cell") == 6
+
+
+def test_a_cell_claimed_by_a_live_process_is_refused_and_a_dead_claim_taken_over(tmp_path, one_thread):
+    cfg = _experiment(tmp_path / "out", tmp_path / "cache", methods=[{"name": "none"}], seeds=[0])
+    cell = tmp_path / "out" / "results" / "none" / "polarity" / "fraction-0.2" / "seed-0"
+    cell.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (cell / LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}))
+        with pytest.raises(RunFolderBusy, match=f"in use by process {holder.pid}"):
+            run_experiment(cfg, progress=False)
+        assert not cell.with_suffix(".json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_experiment(cfg, progress=False)  # the holder is gone: its claim is taken over
+    assert cell.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"workers": 0}, "workers: expected a positive number of processes, got 0"),
+    ({"executor": "proceses"}, "executor")])
+def test_executor_settings_are_checked_at_parse_time(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        _experiment(tmp_path / "out", tmp_path / "cache", **changes)
+
+
+def test_worker_threads_share_out_the_cpus(tmp_path):
+    cfg = _experiment(tmp_path / "out", tmp_path / "cache", executor="processes", workers=2, threads=None)
+    assert worker_threads(cfg) == max(1, (os.cpu_count() or 1) // 2)
+    assert worker_threads(_experiment(tmp_path / "out", tmp_path / "cache", threads=3)) == 3
