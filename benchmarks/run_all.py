@@ -1,8 +1,8 @@
 """Every benchmark in one command: each one's table, then every target of the issue in one summary.
 
-    python benchmarks/run_all.py [--quick] [--only meta_step,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order] [--json out.json]
+    python benchmarks/run_all.py [--quick] [--only finetune,meta_step,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order] [--json out.json]
 
-Runs ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py``, ``flops.py``, ``mlm_throughput.py``,
+Runs ``finetune.py``, ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py``, ``flops.py``, ``mlm_throughput.py``,
 ``sampler_overhead.py`` and ``eval_order.py`` one after the other with their default sizes
 (``--quick``: each one's quick mode), prints each one's report as it finishes, then a table of
 every performance target they check (value, target, met or not), and writes everything to
@@ -22,14 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure  # noqa: E402
 import data_pipeline  # noqa: E402
 import eval_order  # noqa: E402
+import finetune  # noqa: E402
 import flops  # noqa: E402
 import maml_peers  # noqa: E402
 import meta_step  # noqa: E402
 import mlm_throughput  # noqa: E402
 import sampler_overhead  # noqa: E402
 
-SUITE = {"meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline, "flops": flops,
-         "mlm_throughput": mlm_throughput, "sampler_overhead": sampler_overhead, "eval_order": eval_order}
+SUITE = {"finetune": finetune, "meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline,
+         "flops": flops, "mlm_throughput": mlm_throughput, "sampler_overhead": sampler_overhead, "eval_order": eval_order}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

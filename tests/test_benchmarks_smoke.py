@@ -42,7 +42,7 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     out = tmp_path / "all.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only",
-                           "maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
+                           "finetune,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "## targets" in proc.stdout
@@ -50,6 +50,11 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
 
     def positive(value) -> bool:
         return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    sweep = result["finetune"]
+    assert positive(sweep["ratio"]) and positive(sweep["local"]["steps_per_s"])
+    assert set(sweep["local"]["scores"]) == set(sweep["processes"]["scores"]) == {"0", "1"}
+    assert math.isfinite(sweep["max_score_diff"])
 
     peers = {(r["impl"], r["k"]): r for r in result["maml_peers"]["rows"]}
     assert set(peers) == {(i, k) for i in ("metalm", "metalm_recompute", "higher", "torchopt") for k in (1,)}

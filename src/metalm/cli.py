@@ -27,6 +27,7 @@ from pathlib import Path
 
 from metalm import config as cfg
 from metalm.data.errors import DataError
+from metalm.train.progress import quiet_libraries
 
 SHIPPED = Path(__file__).parent / "configs"
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
-        _quiet_libraries()
+        quiet_libraries()
     from metalm.train.loop import TrainingDiverged
 
     try:
@@ -334,17 +335,6 @@ def _cause(err: BaseException, verbose: bool) -> None:
         import traceback
 
         traceback.print_exception(err, file=sys.stderr)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

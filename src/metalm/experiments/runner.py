@@ -32,7 +32,7 @@ from metalm.tasks.registry import get_task_spec
 from metalm.train.checkpoint import write_text_atomic
 from metalm.train.precision import check_precision
 from metalm.train.lock import run_lock
-from metalm.train.progress import Progress, note
+from metalm.train.progress import Progress, note, quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -273,6 +273,7 @@ def run_unit(cfg: ExperimentConfig, indices: list[int], threads: int) -> list[Pa
     """A pool worker: runs the cells ``indices`` of ``cfg``'s plan in order; returns their paths."""
     import torch
 
+    quiet_libraries()
     torch.set_num_threads(threads)
     specs, finetune, jobs = _plan(cfg)
     loaded: dict[str, tuple] = {}

@@ -23,6 +23,19 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def quiet_libraries() -> None:
+    """Silences transformers' load reports and bars (metalm reports progress itself); the CLI and
+    each worker process of a sweep call it."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def note(message: str, *, stream: TextIO | None = None) -> None:
     """One line of run status (a resume, a skipped cell) on stderr, whatever the terminal."""
     stream = stream or sys.stderr
