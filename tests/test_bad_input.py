@@ -372,3 +372,32 @@ def test_filters_are_checked_against_the_spec():
                                 "columns": {"text_a": "s", "label": "y"}, "files": {"train": "x.tsv"},
                                 "filter": {"lang": ["en", "de"], "source": "web"}})
     assert spec.filter == {"lang": ("en", "de"), "source": "web"}
+
+
+def test_an_unregistered_metric_is_refused_when_the_config_is_checked(capsys):
+    from metalm.cli import main
+
+    assert main(["check", "task_example", "metrics=[accuracy,macro_f11]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("metalm: error: task_example.yaml: task my_reviews: metric 'macro_f11' is not registered "
+                   "(did you mean 'macro_f1'? known: accuracy, f1, macro_f1, matthews, pearson, spearman, entity_f1)")
+    with pytest.raises(cfg.ConfigError, match="metrics is empty"):
+        cfg.parse(TaskSpec, {"name": "t", "kind": "regression", "files": {"train": "t.tsv"},
+                             "columns": {"text_a": 0, "label": 1}, "metrics": []})
+
+
+@pytest.mark.parametrize("name, suggestion", [("minlm", "minilm"), ("tin", "tiny"), ("bilstm-tny", "bilstm-tiny")])
+def test_an_encoder_name_one_letter_off_a_built_in_is_refused(name, suggestion, capsys):
+    from metalm.cli import main
+
+    assert main(["check", "dou", f"encoder.name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"metalm: error: dou.encoder: name: {name!r} is neither a built-in encoder") and \
+        f"did you mean {suggestion!r}?" in err
+
+
+def test_hub_ids_and_built_in_encoders_are_accepted():
+    from metalm.schema import EncoderConfig
+
+    for name in ("minilm", "tiny", "base", "bert-base-uncased", "roberta-base", "sentence-transformers/all-MiniLM-L6-v2"):
+        assert EncoderConfig(name=name).name == name

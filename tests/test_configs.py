@@ -79,6 +79,9 @@ def test_wrong_type_names_the_dotted_key(capsys):
 
 def test_check_reports_bad_override_with_exit_2(capsys):
     assert main(["check", "glue_rte", "--set", "finetune.epochs=three"]) == 2
+    assert main(["check", "glue_rte", "finetune.epochs=three"]) == 2  # the spelling every command takes
+    assert main(["check", "glue_rte", "finetune.epochs=4"]) == 0
+    assert main(["check", "finetune.epochs=4"]) == 2  # no config
     assert "finetune.epochs" in capsys.readouterr().err
 
 

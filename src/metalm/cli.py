@@ -176,8 +176,13 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_check(args) -> None:
-    for name in args.configs:
-        data = cfg.apply_overrides(cfg.read_yaml(resolve_config(name)), args.overrides)
+    # `key=value` after the configs, as every other command takes it (`--set key=value` also works).
+    configs = [a for a in args.configs if "=" not in a or Path(a).exists()]
+    overrides = [a for a in args.configs if a not in configs] + args.overrides
+    if not configs:
+        raise cfg.ConfigError("check: give at least one config before the key=value overrides")
+    for name in configs:
+        data = cfg.apply_overrides(cfg.read_yaml(resolve_config(name)), overrides)
         schema = config_class(data)
         cfg.parse(schema, data, where=str(name))
         print(f"{name}: valid {schema.__name__}")
@@ -265,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="data settings, e.g. root=../data")
     ev.set_defaults(fn=cmd_evaluate)
     sub.add_parser("tasks", help="list built-in tasks").set_defaults(fn=cmd_tasks)
-    check = sub.add_parser("check", help="validate config files")
-    check.add_argument("configs", nargs="+")
+    check = sub.add_parser("check", help="validate config files (with key=value overrides, as a run takes them)")
+    check.add_argument("configs", nargs="+", metavar="CONFIG [key=value ...]")
     check.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
     check.set_defaults(fn=cmd_check)
     moons = sub.add_parser("twomoons", help="Two Moons study of a teacher that meta-learns the LM objective "

@@ -6,6 +6,7 @@ Every field has a default where one makes sense and a one-line docstring. Builde
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +42,9 @@ class EncoderConfig:
     """Override the encoder's dropout."""
     attn_implementation: str | None = None
     """'eager' or 'sdpa'; default: the library's choice."""
+
+    def __post_init__(self):
+        check_encoder_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,21 @@ def check_algorithm_settings(settings: "TrainSettings") -> None:
             users = [name for name in ALGORITHMS if takes_setting(name, key)]
             raise ConfigError(f"{key}: algorithm {settings.algorithm!r} does not take it (it would be ignored); "
                               f"it applies to {', '.join(users)}, got {key}={value!r}")
+
+
+def check_encoder_name(name: str) -> None:
+    """A name one letter away from a built-in encoder (``minlm``) is a typo, not a Hub id: refused
+    with the built-in name. Other names are Hub ids or folders, checked when the model loads."""
+    from metalm.models.bilstm import SIZES as BILSTM_SIZES
+    from metalm.models.encoder import MINILM, NAMED_SIZES
+
+    known = [MINILM, *NAMED_SIZES, *BILSTM_SIZES]
+    if name in known or os.path.exists(name):
+        return
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    if close:
+        raise ConfigError(f"name: {name!r} is neither a built-in encoder nor a folder here; did you mean "
+                          f"{close[0]!r}? (built-in: {', '.join(known)}; anything else is read as a Hub id)")
 
 
 def check_precision_name(precision: str) -> None:

@@ -7,6 +7,7 @@ root) and ``{glue}`` (the GLUE folder, ``{root}/glue`` unless set).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -14,6 +15,7 @@ from typing import Any, Literal, Mapping
 from metalm import config as cfg
 from metalm.data.errors import DataError
 from metalm.data.hub import read_hub
+from metalm.tasks.metrics import METRICS
 from metalm.data.readers import (Record, label_parser, read_analogy, read_conll, read_delimited, read_fasttext,
                                  read_jsonl)
 
@@ -122,6 +124,14 @@ class TaskSpec:
                                      "splits of a file cut by split_ratios; use filter, which applies before the cut"))
         if "all" in self.files and not self.split_ratios:
             raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
+        for metric in self.metrics:
+            if metric not in METRICS:
+                close = difflib.get_close_matches(metric, METRICS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise cfg.ConfigError(f"task {self.name}: metric {metric!r} is not registered ({hint}known: "
+                                      f"{', '.join(METRICS)})")
+        if not self.metrics:
+            raise cfg.ConfigError(f"task {self.name}: metrics is empty; give at least one (the first is the headline)")
 
     @property
     def num_labels(self) -> int:
