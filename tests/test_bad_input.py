@@ -401,3 +401,28 @@ def test_hub_ids_and_built_in_encoders_are_accepted():
 
     for name in ("minilm", "tiny", "base", "bert-base-uncased", "roberta-base", "sentence-transformers/all-MiniLM-L6-v2"):
         assert EncoderConfig(name=name).name == name
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("methods.1.train.steps=0", "dou.methods[1].train: steps: expected a positive number, got 0"),
+    ("methods.1.train.inner_steps=-1", "dou.methods[1].train: inner_steps: expected a number >= 0, got -1"),
+    ("methods.1.train.optim.lr=-1e-5", "dou.methods[1].train.optim: lr: expected a positive number, got -1e-05"),
+    ("methods.1.train.task_batch_sizes={sst2: 0}",
+     "dou.methods[1].train: task_batch_sizes: expected a positive number, got {'sst2': 0}"),
+    ("finetune.epochs=0", "dou.finetune: epochs: expected a positive number, got 0"),
+    ("finetune.optim.warmup_ratio=1.5", "dou.finetune.optim: warmup_ratio: expected a number in [0, 1), got 1.5"),
+    ("workers=0", "dou: workers: expected a positive number of processes, got 0")])
+def test_out_of_range_values_are_refused_at_parse_time(setting, message, capsys):
+    from metalm.cli import main
+
+    assert main(["check", "dou", setting]) == 2
+    assert capsys.readouterr().err.strip() == f"metalm: error: {message}"
+
+
+def test_a_run_refused_for_a_bound_leaves_no_folder(tmp_path, capsys):
+    from metalm.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "train_glue", "encoder.name=tiny", "train.steps=0", f"output_dir={out}"]) == 2
+    assert "train: steps: expected a positive number, got 0" in capsys.readouterr().err
+    assert not out.exists()

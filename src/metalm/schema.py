@@ -130,6 +130,8 @@ class OptimConfig:
     """AdamW betas."""
 
     def __post_init__(self):
+        check_bounds(self, {"lr": POSITIVE, "head_lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+                            "warmup_ratio": UNIT_OPEN, "clip_norm": NON_NEGATIVE, "betas": UNIT_OPEN})
         # Resolved here, so that a run's stored config.json records the decay it used.
         if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", {"adamw": 0.01, "sgd": 0.0}.get(self.name, 0.01))
@@ -234,6 +236,11 @@ class TrainSettings:
     less padding, so more tokens/s on corpora of mixed sentence lengths."""
 
     def __post_init__(self):
+        check_bounds(self, {"steps": POSITIVE, "batch_size": POSITIVE, "tasks_per_step": POSITIVE,
+                            "inner_steps": NON_NEGATIVE, "inner_lr": NON_NEGATIVE, "inner_weight_decay": NON_NEGATIVE,
+                            "inner_betas": UNIT_OPEN, "inner_eps": POSITIVE, "task_inner_steps": NON_NEGATIVE,
+                            "task_batch_sizes": POSITIVE, "log_every": NON_NEGATIVE, "checkpoint_every": NON_NEGATIVE,
+                            "skip_nonfinite": NON_NEGATIVE, "eval_every": NON_NEGATIVE})
         check_algorithm_settings(self)
         if self.step_tasks == "all" and self.tasks_per_step != 1:
             raise ConfigError(f"train.tasks_per_step must be 1 with train.step_tasks: all (one episode of "
@@ -276,6 +283,8 @@ class FinetuneSettings:
     """select=best: stop after this many epochs without improvement on the validation part (0: never)."""
 
     def __post_init__(self):
+        check_bounds(self, {"epochs": POSITIVE, "batch_size": POSITIVE, "min_steps": NON_NEGATIVE,
+                            "max_steps": NON_NEGATIVE})
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"finetune.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.patience < 0:
@@ -325,6 +334,22 @@ def check_algorithm_settings(settings: "TrainSettings") -> None:
             users = [name for name in ALGORITHMS if takes_setting(name, key)]
             raise ConfigError(f"{key}: algorithm {settings.algorithm!r} does not take it (it would be ignored); "
                               f"it applies to {', '.join(users)}, got {key}={value!r}")
+
+
+# Bounds of numeric settings, checked when a config is parsed: name -> (test, what is expected).
+POSITIVE = (lambda v: v > 0, "a positive number")
+NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+UNIT_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def check_bounds(settings, bounds: dict) -> None:
+    """Refuses the first field of ``settings`` outside its bound (None values are not checked)."""
+    for name, (test, expected) in bounds.items():
+        value = getattr(settings, name)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+        bad = [v for v in values if v is not None and not test(v)]
+        if bad:
+            raise ConfigError(f"{name}: expected {expected}, got {value if isinstance(value, (dict, tuple)) else bad[0]}")
 
 
 def check_encoder_name(name: str) -> None:
