@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from metalm.data.readers import Record
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # token positions without a label (sub-word continuations, special tokens, padding)
 CHUNK = 2048
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100  # token positions without a label (sub-word continuations, special tokens, padding)
+from metalm.data.tokenize import IGNORE_INDEX  # token positions without a label
 
 
 def make_head(kind: str, hidden_size: int, num_labels: int, *, dropout: float = 0.1, head: str = "linear",

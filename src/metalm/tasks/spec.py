@@ -174,11 +174,6 @@ def gensim_data_dir() -> Path:
     return Path(datapath("lee.cor")).parent
 
 
-def file_paths(spec: TaskSpec, *, root: str | Path, glue: str | Path | None = None) -> dict[str, Path]:
-    """The spec's files with ``{root}``/``{glue}`` expanded."""
-    return {split: resolve_path(p, root=root, glue=glue) for split, p in spec.files.items()}
-
-
 def read_split(spec: TaskSpec, split: str, *, root: str | Path, glue: str | Path | None = None,
                source: str = "files") -> list[Record]:
     """Reads one split of a task as records (no tokenisation)."""

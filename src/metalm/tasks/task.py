@@ -71,7 +71,8 @@ class Task:
 
     def _columns(self, split: str) -> dict[str, list]:
         if split not in self.splits:
-            raise cfg.ConfigError(f"task {self.name}: split {split!r} is not loaded (have {sorted(self.splits)})")
+            # a caller's mistake at run time, not a bad config
+            raise LookupError(f"task {self.name}: split {split!r} is not loaded (have {sorted(self.splits)})")
         return self.splits[split]
 
     def score(self, predictions: list, references: list) -> dict[str, float]:
