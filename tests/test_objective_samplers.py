@@ -160,7 +160,7 @@ def test_state_is_json_and_restores_the_same_draws(make):
             task = sampler.sample()
             drawn.append(task)
             sampler.update({"tasks": [task], "loss": 1.0 + (step % 3), "encoder_grad_norm": 0.5 + (step % 4)})
-            if getattr(sampler, "wants_validation", lambda s: False)(step + 1):
+            if sampler.request(step + 1).validation:
                 sampler.update({"validation_losses": {"a": 2.0 / (step + 2), "b": 1.0, "c": 1.0 + 0.01 * step}})
         return drawn
 

@@ -21,6 +21,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from metalm.contracts import FeedbackRequest
+from metalm.learn.samplers import draw
 
 Reward = Literal["relative", "overall", "hard"]
 
@@ -126,7 +127,7 @@ class MometasSampler:
         return softmax(self.logits)
 
     def sample(self) -> str:
-        return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+        return draw(self.rng, self.names, self.probabilities)
 
     def wants_validation(self, step: int) -> bool:
         """A meta-test after every K steps (and before training, for the first baseline)."""
@@ -231,7 +232,7 @@ class SignalSampler:
         self.history: list[dict] = []
 
     def sample(self) -> str:
-        return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+        return draw(self.rng, self.names, self.probabilities)
 
     @property
     def needs_encoder_grad_norm(self) -> bool:

@@ -13,6 +13,11 @@ import numpy as np
 from metalm.contracts import NO_FEEDBACK, FeedbackRequest, Sampler  # noqa: F401  (the contract, re-exported)
 
 
+def draw(rng: np.random.Generator, names: tuple[str, ...], probabilities: np.ndarray) -> str:
+    """One name drawn with the given probabilities (every categorical sampler draws this way)."""
+    return names[rng.choice(len(names), p=probabilities)]
+
+
 class CategoricalSampler:
     """Fixed probabilities over tasks.
 
@@ -31,7 +36,7 @@ class CategoricalSampler:
         self.history = None
 
     def sample(self) -> str:
-        return self.names[self.rng.choice(len(self.names), p=self.probabilities)]
+        return draw(self.rng, self.names, self.probabilities)
 
     def request(self, done: int) -> FeedbackRequest:
         return NO_FEEDBACK
