@@ -115,7 +115,7 @@ def _refuse_existing(out: Path, markers: tuple[str, ...], args, resume_hint: str
 def cmd_finetune(args) -> None:
     from metalm.recipes import run_finetune
     from metalm.schema import FinetuneConfig
-    from metalm.train.checkpoint import write_text_atomic
+    from metalm.files import write_text_atomic
     from metalm.train.lock import run_lock
 
     config = _load(FinetuneConfig, args.config, args.overrides)

@@ -24,7 +24,7 @@ from metalm.learn.algorithms import algorithm_settings, build_algorithm
 from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
 from metalm.tasks.registry import get_task_spec
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 from metalm.train.evaluate import CONSTANT, evaluate
 from metalm.train.lock import run_lock
 from metalm.train.loop import train_loop

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 from metalm.experiments.plots import plot_curves, plot_scores, save_figure
 from metalm.experiments.stats import (TEST, aggregate, budget_key, budget_label, budget_order,
                                       paired_differences)
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 
 __all__ = ["aggregate", "markdown_table", "study_warnings", "write_reports", "plot_scores", "plot_curves",
            "save_figure", "FLOOR_REFERENCES"]

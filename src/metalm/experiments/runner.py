@@ -29,7 +29,7 @@ from metalm.recipes import STAGE_FILE, check_step_bounds, run_finetune, run_trai
 from metalm.schema import (ExperimentConfig, FinetuneConfig, FinetuneSettings, MethodConfig, SubsampleConfig,
                            TrainConfig)
 from metalm.tasks.registry import get_task_spec
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 from metalm.train.precision import check_precision
 from metalm.train.lock import run_lock
 from metalm.train.progress import Progress, note, quiet_libraries

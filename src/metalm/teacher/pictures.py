@@ -11,7 +11,7 @@ import numpy as np
 from metalm.experiments.report import save_figure
 from metalm.teacher import twomoons as tm
 from metalm.teacher.study import PAPER_TABLE_10, ROWS, StudySize, load_results, summarize, table
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 
 
 def _plt():

@@ -24,7 +24,7 @@ from metalm.teacher import twomoons as tm
 from metalm.teacher.finetune import accuracy, finetune, predict
 from metalm.teacher.model import ModelSize, teacher_and_student
 from metalm.teacher.pretrain import PretrainSettings, masking_scheme, pretrain
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 
 ROWS = {"mlm_latest": "MLM (latest)", "mlm_best": "MLM (best MLM loss)", "hard": "Hard",
         "soft": "Soft", "soft_fixed_y": "Soft (fixed y)"}

@@ -25,7 +25,7 @@ from metalm.teacher import objective as obj
 from metalm.teacher.finetune import accuracy, finetune
 from metalm.teacher.model import ModelSize, teacher_and_student
 from metalm.teacher.pretrain import PAD, PretrainSettings, pretrain
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 
 SPECIALS = ["[PAD]", "[SEP]", "[MASK]", "[CLS0]", "[CLS1]", "[UNK]"]
 SEP, MASK, CLS0, CLS1, UNK = 1, 2, 3, 4, 5

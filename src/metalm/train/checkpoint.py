@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from metalm.config import ConfigError
+from metalm.files import write_text_atomic
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -37,17 +38,6 @@ FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 class CheckpointError(ConfigError):
     """A run folder's checkpoints cannot be trusted (a user-facing error: exit code 2)."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from metalm.train.checkpoint import write_text_atomic
+from metalm.files import write_text_atomic
 
 
 class RunLogger:
