@@ -379,7 +379,7 @@ def test_an_unregistered_metric_is_refused_when_the_config_is_checked(capsys):
 
     assert main(["check", "task_example", "metrics=[accuracy,macro_f11]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("metalm: error: task_example.yaml: task my_reviews: metric 'macro_f11' is not registered "
+    assert err == ("metalm: error: task_example: task my_reviews: metric 'macro_f11' is not registered "
                    "(did you mean 'macro_f1'? known: accuracy, f1, macro_f1, matthews, pearson, spearman, entity_f1)")
     with pytest.raises(cfg.ConfigError, match="metrics is empty"):
         cfg.parse(TaskSpec, {"name": "t", "kind": "regression", "files": {"train": "t.tsv"},

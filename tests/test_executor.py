@@ -103,3 +103,14 @@ def test_worker_threads_share_out_the_cpus(tmp_path):
     cfg = _experiment(tmp_path / "out", tmp_path / "cache", executor="processes", workers=2, threads=None)
     assert worker_threads(cfg) == max(1, (os.cpu_count() or 1) // 2)
     assert worker_threads(_experiment(tmp_path / "out", tmp_path / "cache", threads=3)) == 3
+
+
+def test_units_with_a_stage_go_first_and_hold_that_stages_cells(tmp_path):
+    from metalm.experiments.runner import _plan, _units
+
+    cfg = _experiment(tmp_path / "out", tmp_path / "cache")
+    specs, finetune, jobs = _plan(cfg)
+    units = _units(cfg, specs, finetune, jobs)
+    methods = [[jobs[i][0].name for i in unit] for unit in units]
+    assert methods == [["joint"], ["joint"], ["reptile"], ["reptile"], ["none"], ["none"]]
+    assert sorted(i for unit in units for i in unit) == list(range(len(jobs)))

@@ -232,13 +232,18 @@ def worker_threads(cfg: ExperimentConfig) -> int:
 
 def _units(cfg: ExperimentConfig, specs, finetune, jobs) -> list[list[int]]:
     """The pool's units of work: the unfinished cells of one stage (which run it first, then
-    fine-tune from it in turn), or one unfinished cell without a stage; largest units first."""
+    fine-tune from it in turn), or one unfinished cell without a stage. Units with a stage go first,
+    most cells first, so that the short stage-less cells fill the workers at the end."""
     units: dict[str, list[int]] = {}
+    staged: set[str] = set()
     for i, job in enumerate(jobs):
         _, path, stage, _ = _cell(cfg, specs, finetune, job)
         if not path.exists():
-            units.setdefault(str(stage.folder) if stage is not None else str(path), []).append(i)
-    return sorted(units.values(), key=len, reverse=True)
+            key = str(stage.folder) if stage is not None else str(path)
+            units.setdefault(key, []).append(i)
+            if stage is not None:
+                staged.add(key)
+    return [units[k] for k in sorted(units, key=lambda k: (k in staged, len(units[k])), reverse=True)]
 
 
 def _run_pool(cfg: ExperimentConfig, specs, finetune, jobs, *, progress: bool) -> set[Path]:
