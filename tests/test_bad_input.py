@@ -392,7 +392,7 @@ def test_an_encoder_name_one_letter_off_a_built_in_is_refused(name, suggestion, 
 
     assert main(["check", "dou", f"encoder.name={name}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"metalm: error: dou.encoder: name: {name!r} is neither a built-in encoder") and \
+    assert err.startswith(f"metalm: error: dou.encoder: encoder {name!r} is neither a built-in encoder") and \
         f"did you mean {suggestion!r}?" in err
 
 

@@ -363,7 +363,7 @@ def check_encoder_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
     if close:
-        raise ConfigError(f"name: {name!r} is neither a built-in encoder nor a folder here; did you mean "
+        raise ConfigError(f"encoder {name!r} is neither a built-in encoder nor a folder here; did you mean "
                           f"{close[0]!r}? (built-in: {', '.join(known)}; anything else is read as a Hub id)")
 
 
