@@ -40,15 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default=None, help="target task (default stsb_bi; quick: polarity)")
     p.add_argument("--cells", type=int, default=None, help="seeds, one fine-tune each (default 4; quick: 2)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per cell (default 60; quick: 5)")
-    p.add_argument("--workers", type=int, default=None, help="pool size (default: the CPU count)")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="pool size (default: the CPUs)")
     p.add_argument("--data", default=None, help="data root (default: ../shared/data or $METALM_DATA)")
     p.add_argument("--json", default=None, help="write the numbers to this file")
     args = p.parse_args(argv)
-    args.encoder = args.encoder or ("tiny" if args.quick else "minilm")
-    args.task = args.task or ("polarity" if args.quick else "stsb_bi")
-    args.cells = args.cells or (2 if args.quick else 4)
-    args.steps = args.steps or (5 if args.quick else 60)
-    args.workers = args.workers or max(1, os.cpu_count() or 1)
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", task="polarity", cells=2, steps=5),
+                           full=dict(encoder="minilm", task="stsb_bi", cells=4, steps=60))
     return args
 
 

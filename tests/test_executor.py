@@ -99,10 +99,12 @@ def test_executor_settings_are_checked_at_parse_time(tmp_path, changes, message)
         _experiment(tmp_path / "out", tmp_path / "cache", **changes)
 
 
-def test_worker_threads_share_out_the_cpus(tmp_path):
-    cfg = _experiment(tmp_path / "out", tmp_path / "cache", executor="processes", workers=2, threads=None)
-    assert worker_threads(cfg) == max(1, (os.cpu_count() or 1) // 2)
-    assert worker_threads(_experiment(tmp_path / "out", tmp_path / "cache", threads=3)) == 3
+def test_worker_threads_share_out_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for workers, threads in ((2, 4), (3, 2), (16, 1)):
+        cfg = _experiment(tmp_path / "out", tmp_path / "cache", executor="processes", workers=workers, threads=None)
+        assert worker_threads(cfg) == threads
+    assert worker_threads(_experiment(tmp_path / "out", tmp_path / "cache", threads=3)) == 3  # given: kept
 
 
 def test_units_with_a_stage_go_first_and_hold_that_stages_cells(tmp_path):

@@ -276,6 +276,15 @@ def first_difference(old: Any, new: Any, key: str = "") -> str | None:
     return None if old == new else (key or "<root>")
 
 
+def closest(value, known, *, cutoff: float = 0.6) -> str | None:
+    """The registered name closest to a misspelt ``value`` (difflib), or None: the "did you mean"
+    of every name check."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(known), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def check_same_settings(stored: dict, current: dict, *, where: str, ignore: tuple[str, ...] = ()) -> None:
     """Raises ConfigError when a resumed run's stored settings differ from the current ones."""
     key = first_difference(_drop(stored, ignore), _drop(current, ignore))

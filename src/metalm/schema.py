@@ -6,12 +6,11 @@ Every field has a default where one makes sense and a one-line docstring. Builde
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from metalm.config import ConfigError
+from metalm.config import ConfigError, closest
 from metalm.tasks.spec import TaskSpec
 
 TaskRef = str | TaskSpec
@@ -361,10 +360,10 @@ def check_encoder_name(name: str) -> None:
     known = [MINILM, *NAMED_SIZES, *BILSTM_SIZES]
     if name in known or os.path.exists(name):
         return
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    close = closest(name, known, cutoff=0.8)
     if close:
         raise ConfigError(f"encoder {name!r} is neither a built-in encoder nor a folder here; did you mean "
-                          f"{close[0]!r}? (built-in: {', '.join(known)}; anything else is read as a Hub id)")
+                          f"{close!r}? (built-in: {', '.join(known)}; anything else is read as a Hub id)")
 
 
 def check_precision_name(precision: str) -> None:
@@ -377,10 +376,8 @@ def check_precision_name(precision: str) -> None:
 
 
 def _did_you_mean(value: str, known) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(value), list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(value, known)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def check_budget(fraction: float | None, per_class: int | None, *, where: str) -> None:

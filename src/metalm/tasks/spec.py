@@ -7,7 +7,6 @@ root) and ``{glue}`` (the GLUE folder, ``{root}/glue`` unless set).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -126,8 +125,8 @@ class TaskSpec:
             raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
         for metric in self.metrics:
             if metric not in METRICS:
-                close = difflib.get_close_matches(metric, METRICS, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                close = cfg.closest(metric, METRICS)
+                hint = f"did you mean {close!r}? " if close else ""
                 raise cfg.ConfigError(f"task {self.name}: metric {metric!r} is not registered ({hint}known: "
                                       f"{', '.join(METRICS)})")
         if not self.metrics:
