@@ -1,9 +1,9 @@
 """Every benchmark in one command: each one's table, then every target of the issue in one summary.
 
-    python benchmarks/run_all.py [--quick] [--only finetune,meta_step,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order] [--json out.json]
+    python benchmarks/run_all.py [--quick] [--only finetune,scaling,meta_step,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order] [--json out.json]
 
-Runs ``finetune.py``, ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py``, ``flops.py``, ``mlm_throughput.py``,
-``sampler_overhead.py`` and ``eval_order.py`` one after the other with their default sizes
+Runs ``finetune.py``, ``scaling.py``, ``meta_step.py``, ``maml_peers.py``, ``data_pipeline.py``, ``flops.py``,
+``mlm_throughput.py``, ``sampler_overhead.py`` and ``eval_order.py`` one after the other with their default sizes
 (``--quick``: each one's quick mode), prints each one's report as it finishes, then a table of
 every performance target they check (value, target, met or not), and writes everything to
 ``--json`` (default ``benchmarks/results/latest.json``). Targets are printed, never asserted: a shared machine moves
@@ -28,8 +28,9 @@ import maml_peers  # noqa: E402
 import meta_step  # noqa: E402
 import mlm_throughput  # noqa: E402
 import sampler_overhead  # noqa: E402
+import scaling  # noqa: E402
 
-SUITE = {"finetune": finetune, "meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline,
+SUITE = {"finetune": finetune, "scaling": scaling, "meta_step": meta_step, "maml_peers": maml_peers, "data_pipeline": data_pipeline,
          "flops": flops, "mlm_throughput": mlm_throughput, "sampler_overhead": sampler_overhead, "eval_order": eval_order}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 

@@ -272,6 +272,9 @@ def test_config_wrong_type_names_the_dotted_key():
     ({"algorithm": "maml", "task_inner_steps": {"a": 2}}, "task_inner_steps: algorithm 'maml' does not take it "
                                                          "(it would be ignored); it applies to reptile"),
     ({"algorithm": "multitask", "first_order": True}, "it applies to maml, fomaml, metapretrain"),
+    ({"algorithm": "multitask", "inner_steps": 2}, "inner_steps: algorithm 'multitask' does not take it"),
+    ({"algorithm": "multitask", "inner_lr": 0.01}, "inner_lr: algorithm 'multitask' does not take it"),
+    ({"algorithm": "multitask", "inner_optimizer": "adam"}, "inner_optimizer: algorithm 'multitask' does not take it"),
 ])
 def test_algorithm_names_and_settings_are_checked_at_parse_time(train, expected):
     """What a run would refuse (or silently drop) is refused when the config is read, with the key's place."""

@@ -42,7 +42,7 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     out = tmp_path / "all.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only",
-                           "finetune,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
+                           "finetune,scaling,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "## targets" in proc.stdout
@@ -55,6 +55,10 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     assert positive(sweep["ratio"]) and positive(sweep["local"]["steps_per_s"])
     assert set(sweep["local"]["scores"]) == set(sweep["processes"]["scores"]) == {"0", "1"}
     assert math.isfinite(sweep["max_score_diff"])
+
+    scaling = result["scaling"]["rows"]
+    assert set(scaling) == {"multitask", "fomaml", "maml", "reptile"}
+    assert all(positive(r["ratio"]) and r["two"]["ranks"] == 2 for r in scaling.values())
 
     peers = {(r["impl"], r["k"]): r for r in result["maml_peers"]["rows"]}
     assert set(peers) == {(i, k) for i in ("metalm", "metalm_recompute", "higher", "torchopt") for k in (1,)}

@@ -57,7 +57,7 @@ class _ZeroGradients(LocalCommunicator):
     def __init__(self):
         self.calls = 0
 
-    def reduce_gradients(self, params):
+    def reduce_gradients(self, params, weight=1.0):
         self.calls += 1
         for p in params:
             p.grad.zero_()
@@ -69,7 +69,7 @@ class _ShiftLosses(LocalCommunicator):
     def __init__(self):
         self.returned: list[dict] = []
 
-    def reduce_mean(self, values):
+    def reduce_mean(self, values, weight=None):
         self.returned.append({k: v + 1.0 for k, v in values.items()})
         return dict(self.returned[-1])
 

@@ -116,3 +116,82 @@ def test_units_with_a_stage_go_first_and_hold_that_stages_cells(tmp_path):
     methods = [[jobs[i][0].name for i in unit] for unit in units]
     assert methods == [["joint"], ["joint"], ["reptile"], ["reptile"], ["none"], ["none"]]
     assert sorted(i for unit in units for i in unit) == list(range(len(jobs)))
+
+
+def test_slurm_jobs_on_submitits_local_backend_give_each_cell_the_result_of_one_process(tmp_path, one_thread):
+    """`executor: slurm` with `cluster: local`: each unit is a job that submitit runs as a process of
+    this machine (no Slurm here); the cells are those of one process, bit for bit."""
+    pytest.importorskip("submitit")
+    methods = [{"name": "none"}, {"name": "joint", "train": {"tasks": ["polarity", "simlex"], "steps": 3,
+                                                             "batch_size": 4, "checkpoint_every": 0,
+                                                             "evaluate": False}}]
+    local, jobs = tmp_path / "local", tmp_path / "jobs"
+    rows_local, _ = run_experiment(_experiment(local, tmp_path / "cache", methods=methods), progress=False)
+    rows_jobs, _ = run_experiment(_experiment(jobs, tmp_path / "cache", methods=methods, executor="slurm",
+                                              slurm={"cluster": "local", "cpus_per_task": 1, "timeout_min": 10}),
+                                  progress=False)
+    assert _results(jobs) == _results(local) and len(_results(local)) == 4
+    assert rows_jobs == rows_local
+    logs = [p for p in (jobs / "slurm").iterdir() if p.is_dir() and p.name != "%j"]  # %j: submitit's own files
+    assert len(logs) == 4  # one job per unit, its logs kept
+    assert not list(jobs.rglob(LOCK))
+
+
+def test_slurm_resubmits_the_cells_of_failed_jobs_and_gives_up_with_their_logs(tmp_path, one_thread, monkeypatch):
+    """A stand-in for submitit's executor runs each job in this process and fails the first
+    attempt of every unit: the failed units are submitted again and succeed; with no retries the
+    sweep stops naming the failed cells, and the job settings reach the executor as sbatch options."""
+    submitit = pytest.importorskip("submitit")
+    from types import SimpleNamespace
+
+    from metalm.experiments import SweepFailed
+
+    attempts: dict[tuple, int] = {}
+    made: list = []
+
+    class Job:
+        def __init__(self, fn, args, number):
+            self.fn, self.args, self.job_id = fn, args, f"fake_{number}"
+            self.paths = SimpleNamespace(stdout=tmp_path / "logs" / self.job_id / "out")
+
+        def result(self):
+            unit = tuple(self.args[1])
+            attempts[unit] = attempts.get(unit, 0) + 1
+            if attempts[unit] == 1:
+                raise submitit.core.utils.FailedJobError("node lost")
+            return self.fn(*self.args)
+
+    class Executor:
+        cluster = "fake"
+
+        def __init__(self, folder, cluster=None):
+            made.append(self)
+
+        def update_parameters(self, **params):
+            self.params = params
+
+        def map_array(self, fn, *columns):
+            return [Job(fn, args, i) for i, args in enumerate(zip(*columns))]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    slurm = {"partition": "cpu", "cpus_per_task": 1, "timeout_min": 30, "additional": {"account": "lab"}}
+    cfg = _experiment(tmp_path / "out", tmp_path / "cache", methods=[{"name": "none"}], executor="slurm",
+                      slurm={**slurm, "retries": 1})
+    run_experiment(cfg, progress=False)
+    assert len(_results(tmp_path / "out")) == 2 and sorted(attempts.values()) == [2, 2]
+    assert made[0].params == {"name": "metalm-out", "timeout_min": 30, "cpus_per_task": 1,
+                              "slurm_array_parallelism": 64, "slurm_partition": "cpu",
+                              "slurm_additional_parameters": {"account": "lab"}}
+    attempts.clear()
+    cfg = _experiment(tmp_path / "again", tmp_path / "cache", methods=[{"name": "none"}], executor="slurm",
+                      slurm={**slurm, "retries": 0})
+    with pytest.raises(SweepFailed, match=r"2 job\(s\) of the sweep .* failed(.|\n)*none / polarity .* seed 1"):
+        run_experiment(cfg, progress=False)
+    assert not list((tmp_path / "again").rglob("seed-*.json"))  # nothing half-written
+
+
+def test_slurm_settings_are_checked_at_parse_time(tmp_path):
+    with pytest.raises(ConfigError, match="timeout_min: expected a positive number"):
+        _experiment(tmp_path / "out", tmp_path / "cache", executor="slurm", slurm={"timeout_min": 0})
+    with pytest.raises(ConfigError, match="slurm"):
+        _experiment(tmp_path / "out", tmp_path / "cache", executor="slurm", slurm={"partitoin": "gpu"})

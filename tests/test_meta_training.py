@@ -57,8 +57,8 @@ def test_metapretrain_with_k0_is_joint_multitask_step_for_step(tmp_path, data_ro
 def test_every_algorithm_trains_from_the_cli(tmp_path, data_root, shared_cache, algorithm):
     code = cli.main(["train", "train_glue", "encoder.name=tiny", "encoder.max_length=32", "encoder.pair_max_length=32",
                      "train.tasks=[rte,mrpc,stsb]",
-                     f"train.algorithm={algorithm}", "train.steps=3", "train.batch_size=4", "train.inner_steps=2",
-                     "train.tasks_per_step=2", "train.eval_every=0", "train.checkpoint_every=0",
+                     f"train.algorithm={algorithm}", "train.steps=3", "train.batch_size=4",
+                     *([] if algorithm == "multitask" else ["train.inner_steps=2"]), "train.tasks_per_step=2", "train.eval_every=0", "train.checkpoint_every=0",
                      f"output_dir={tmp_path / 'run'}", f"data.root={data_root}", f"data.cache_dir={shared_cache}"])
     assert code == 0
     records = [r for r in read_log(tmp_path / "run") if r["event"] == "train"]
@@ -70,7 +70,7 @@ def test_every_algorithm_trains_from_the_cli(tmp_path, data_root, shared_cache, 
 def test_cross_task_support_draws_tasks_from_the_distribution():
     from metalm.data.batching import BatchStream
     from metalm.learn.samplers import CategoricalSampler
-    from metalm.train.loop import _episode
+    from metalm.train.loop import _draw, _episode
 
     class Fake:
         def __init__(self, name):
@@ -83,7 +83,8 @@ def test_cross_task_support_draws_tasks_from_the_distribution():
     streams = {n: BatchStream(10, 2, seed=i) for i, n in enumerate(tasks)}
     sampler = CategoricalSampler({"a": 1, "b": 1, "c": 1}, seed=0)
     algorithm = build_algorithm("metapretrain", inner_steps=4)
-    episodes = [_episode(sampler, tasks, streams, algorithm, torch.device("cpu")) for _ in range(20)]
+    cpu = torch.device("cpu")
+    episodes = [_episode(_draw(sampler, algorithm), tasks, streams, cpu, True) for _ in range(20)]
     mixed = [e for e in episodes if len(set(e.support_tasks)) > 1]
     assert mixed, "support batches should come from several tasks"
     for e in episodes:
@@ -91,7 +92,7 @@ def test_cross_task_support_draws_tasks_from_the_distribution():
         assert e.query["task"] == e.task
     # Within-task algorithms keep one task per episode, and support and query batches differ.
     maml = build_algorithm("maml", inner_steps=2)
-    e = _episode(sampler, tasks, streams, maml, torch.device("cpu"))
+    e = _episode(_draw(sampler, maml), tasks, streams, cpu, False)
     assert {b["task"] for b in e.support} == {e.task} and e.support_tasks == ()
     assert e.support[0]["indices"] != e.query["indices"]
 

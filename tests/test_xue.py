@@ -67,6 +67,7 @@ class _NoDraw:
 class _Record:
     support_batches = 0
     cross_task_support = False
+    reduction = "mean"
 
     def support_steps(self, task):
         return 0

@@ -1,7 +1,7 @@
 """The ``metalm`` command: argument and config parsing only; recipes do the work.
 
     metalm demo                                   the main job on embedded offline data
-    metalm train CONFIG [key=value ...] [--resume]
+    metalm train CONFIG [key=value ...] [--resume] [--nproc N]
     metalm finetune CONFIG [key=value ...]
     metalm experiment CONFIG [key=value ...]
     metalm evaluate --model DIR --task TASK [--split dev]
@@ -84,15 +84,50 @@ def set_threads(config) -> int:
     return torch.get_num_threads()
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
     from metalm.recipes import run_train
     from metalm.schema import TrainConfig
+    from metalm.train.distributed import launched_world_size
 
+    if args.nproc is not None:
+        return _relaunch(args.nproc, args.argv)
     config = _load(TrainConfig, args.config, args.overrides)
-    _refuse_existing(Path(config.output_dir), ("config.json", "checkpoints", "final"), args,
-                     resume_hint=" --resume to continue it,")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:  # under torchrun, rank 0 checks the folder; a refusal there stops every process
+        _refuse_existing(Path(config.output_dir), ("config.json", "checkpoints", "final"), args,
+                         resume_hint=" --resume to continue it,")
     final = run_train(config, resume=args.resume)
-    print(f"final model: {final}")
+    if rank == 0:
+        where = f" ({launched_world_size()} processes)" if launched_world_size() > 1 else ""
+        print(f"final model: {final}{where}")
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """``metalm train ... --nproc N``: the same command under torchrun with N processes on this machine."""
+    import subprocess
+
+    if nproc < 1:
+        raise cfg.ConfigError(f"--nproc: expected a number of processes >= 1, got {nproc}")
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--nproc":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "metalm", *argv]
+    return subprocess.run(command).returncode
+
+
+def _one_process(command: str) -> None:
+    from metalm.train.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        raise cfg.ConfigError(f"metalm {command} runs in one process, not under torchrun: spread a sweep over "
+                              "worker processes with executor: processes, or train a stage with "
+                              "torchrun ... -m metalm train STAGE_CONFIG")
 
 
 def _refuse_existing(out: Path, markers: tuple[str, ...], args, resume_hint: str = "") -> None:
@@ -118,6 +153,7 @@ def cmd_finetune(args) -> None:
     from metalm.files import write_text_atomic
     from metalm.train.lock import run_lock
 
+    _one_process("finetune")
     config = _load(FinetuneConfig, args.config, args.overrides)
     _refuse_existing(Path(config.output_dir), ("scores.json", "final"), args)
     with run_lock(config.output_dir):
@@ -132,6 +168,7 @@ def cmd_experiment(args) -> None:
     from metalm.experiments.runner import run_experiment
     from metalm.schema import ExperimentConfig
 
+    _one_process("experiment")
     _, paths = run_experiment(_load(ExperimentConfig, args.config, args.overrides))
     print()
     print(paths["markdown"].read_text())
@@ -255,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = with_config("train", cmd_train, "joint multi-task training")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train on N processes of this machine (torchrun --standalone --nproc_per_node N)")
     with_config("finetune", cmd_finetune, "fine-tune on one target task").add_argument(
         "--overwrite", action="store_true", help="replace a fine-tune already in output_dir")
     with_config("experiment", cmd_experiment, "method x target x fraction x seed sweep, table and plot")
@@ -308,14 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         quiet_libraries()
+    from metalm.experiments import SweepFailed
     from metalm.train.loop import TrainingDiverged
 
     try:
-        args.fn(args)
-    except (cfg.ConfigError, DataError, TrainingDiverged) as err:
+        code = args.fn(args)
+    except (cfg.ConfigError, DataError, TrainingDiverged, SweepFailed) as err:
         print(f"metalm: error: {err}", file=sys.stderr)
         _cause(err, args.verbose)
         return 2
@@ -328,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         _cause(err, args.verbose)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 # Errors of the disk or the permissions the user set, reported as one line (the traceback with -v).

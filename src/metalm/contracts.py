@@ -128,6 +128,9 @@ class Algorithm(Protocol):
     """Support batches per episode (k; 0 for plain multi-task training)."""
     cross_task_support: bool
     """Each support batch's task is drawn from the sampler, not the episode's task (Lv et al.)."""
+    reduction: str
+    """How ``step`` combines its episodes' gradients and losses: ``mean`` or ``sum`` (the loop weighs
+    each process's share of a split meta-batch by it)."""
 
     def support_steps(self, task: str) -> int:
         """Support batches for an episode of ``task`` (``support_batches`` unless a task has its own k)."""
@@ -171,17 +174,36 @@ class InnerOptimizer(Protocol):
 
 
 class Communicator(Protocol):
-    """The loop's seam to other processes training the same model."""
+    """The loop's seam to other processes training the same model (``metalm.train.distributed``
+    has the ``torch.distributed`` one)."""
 
     rank: int
     world_size: int
 
-    def reduce_gradients(self, params: Sequence[Tensor]) -> None:
-        """Replaces each ``.grad`` by its mean over the processes (in place)."""
+    def reduce_gradients(self, params: Sequence[Tensor], weight: float = 1.0) -> None:
+        """Replaces each ``.grad`` by the sum over processes of ``weight × .grad`` (in place; a
+        missing gradient counts as zero). ``weight`` is this process's share of the step."""
         ...
 
-    def reduce_mean(self, values: Mapping[str, float]) -> dict[str, float]:
-        """The mean of each value over the processes (a learned sampler's statistics)."""
+    def reduce_mean(self, values: Mapping[str, float], weight: float | None = None) -> dict[str, float]:
+        """The mean of each value over the processes (a learned sampler's statistics); with
+        ``weight``, the sum of ``weight × value``."""
+        ...
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Copies rank 0's parameters and buffers to every process."""
+        ...
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's ``obj`` (picklable) on every process."""
+        ...
+
+    def gather_object(self, obj: object) -> list | None:
+        """Every process's ``obj`` in rank order on rank 0; ``None`` on the others."""
+        ...
+
+    def barrier(self) -> None:
+        """Waits until every process gets here."""
         ...
 
 
@@ -191,11 +213,23 @@ class LocalCommunicator:
     rank = 0
     world_size = 1
 
-    def reduce_gradients(self, params: Sequence[Tensor]) -> None:
+    def reduce_gradients(self, params: Sequence[Tensor], weight: float = 1.0) -> None:
         return None
 
-    def reduce_mean(self, values: Mapping[str, float]) -> dict[str, float]:
+    def reduce_mean(self, values: Mapping[str, float], weight: float | None = None) -> dict[str, float]:
         return dict(values)
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        return None
+
+    def broadcast_object(self, obj: object) -> object:
+        return obj
+
+    def gather_object(self, obj: object) -> list | None:
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
 
 
 __all__ = ["Algorithm", "Batch", "Communicator", "Episode", "Feedback", "FeedbackRequest", "InnerOptimizer",

@@ -20,6 +20,7 @@ import torch
 from metalm.builders import (add_heads, build_model, build_objectives, build_optimization, build_sampler, build_tasks,
                              resolve_device)
 from metalm.config import ConfigError, check_same_settings, to_dict
+from metalm.contracts import Communicator
 from metalm.learn.algorithms import algorithm_settings, build_algorithm
 from metalm.learn.samplers import CategoricalSampler
 from metalm.schema import FinetuneConfig, TrainConfig
@@ -27,6 +28,7 @@ from metalm.tasks.registry import get_task_spec
 from metalm.files import write_text_atomic
 from metalm.train.evaluate import CONSTANT, evaluate
 from metalm.train.lock import run_lock
+from metalm.train.distributed import communicator_from_env, local_rank
 from metalm.train.loop import train_loop
 from metalm.train.progress import note
 from metalm.train.precision import autocast, check_precision
@@ -43,18 +45,26 @@ def seed_everything(seed: int) -> None:
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, on_step=None,
-              tensorboard: bool = True) -> Path:
+              tensorboard: bool = True, comm: Communicator | None = None) -> Path:
     """Joint multi-task training; returns the folder of the final model (``output_dir/final``).
 
     With ``resume``, continues from the newest checkpoint in ``output_dir``; a run that
     already finished returns its final folder without training again. The run holds
     ``output_dir/.lock`` while it runs (`metalm.train.lock`), so a second run there is refused.
+
+    ``comm``: the processes this run is split over (`metalm.train.distributed`); by default the
+    ones torchrun started, else this process alone. Rank 0 holds the lock and writes the folder.
     """
+    comm = comm if comm is not None else communicator_from_env(cfg.device)
+    if comm.rank != 0:
+        return _run_train(cfg, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard, comm=comm)
     with run_lock(cfg.output_dir, note=note):
-        return _run_train(cfg, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard)
+        return _run_train(cfg, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard, comm=comm)
 
 
-def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tensorboard: bool) -> Path:
+def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tensorboard: bool,
+               comm: Communicator) -> Path:
+    main = comm.rank == 0
     out = Path(cfg.output_dir)
     final = out / "final"
     if resume and (out / "config.json").exists():
@@ -66,6 +76,8 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
     if not settings.tasks and not settings.objectives:
         raise ValueError("train.tasks and train.objectives are empty: name at least one task or objective")
     model, tokenizer = build_model(cfg.encoder, seed=cfg.seed, init=cfg.init)
+    if not main:
+        comm.barrier()  # rank 0 tokenises first and fills the cache; the others then read it
     tasks = build_stage_tasks(settings.tasks, tokenizer, cfg)
     labelled = dict(tasks)
     for name, objective in build_objectives(settings.objectives, tokenizer, data=cfg.data,
@@ -73,18 +85,24 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
         if name in tasks:
             raise ValueError(f"objective {name} has the name of a task in train.tasks")
         tasks[name] = objective
+    if main:
+        comm.barrier()
     add_heads(model, tasks, seed=cfg.seed)
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and comm.world_size > 1:
+        device = torch.device("cuda", local_rank())  # one GPU per process
+    model.to(device)
     optimizer, scheduler = build_optimization(model, settings.optim, steps=settings.steps)
     sampler = build_sampler(settings.sampler, tasks, seed=cfg.seed, batch_size=settings.batch_size)
     if settings.sampler.kind == "mometas":
         check_held_out(labelled)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
-    read = {name: {"split": "train", **task.training_rows_read()} for name, task in labelled.items()}
-    write_text_atomic(out / STAGE_FILE, json.dumps({"tasks": read, "objectives": {
-        name: {"split": "train", "rows": task.size("train")} for name, task in tasks.items() if name not in labelled}},
-        indent=1))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+        read = {name: {"split": "train", **task.training_rows_read()} for name, task in labelled.items()}
+        write_text_atomic(out / STAGE_FILE, json.dumps({"tasks": read, "objectives": {
+            name: {"split": "train", "rows": task.size("train")} for name, task in tasks.items()
+            if name not in labelled}}, indent=1))
     seed_everything(cfg.seed)
     eval_tasks = {name: task.spec.eval_splits for name, task in tasks.items()
                   if all(s in task.splits for s in task.spec.eval_splits)} if settings.evaluate else {}
@@ -103,7 +121,10 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,
                precision=cfg.precision, group_by_length=settings.group_by_length,
-               all_tasks=settings.step_tasks == "all", skip_nonfinite=settings.skip_nonfinite)
+               all_tasks=settings.step_tasks == "all", skip_nonfinite=settings.skip_nonfinite, comm=comm)
+    if not main:
+        comm.barrier()  # returns once rank 0 has written the final model
+        return final
     if sampler.history is not None:  # adaptive samplers: weights and rewards over time (Wu et al. Figs. 2-3)
         write_text_atomic(out / "sampler.json", json.dumps({"names": list(sampler.names),
                                                             "history": sampler.history}, indent=1))
@@ -114,6 +135,7 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    comm.barrier()
     return final
 
 

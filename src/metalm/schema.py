@@ -312,7 +312,11 @@ class SubsampleConfig:
 # Settings of TrainSettings that only some algorithms take, with the value that means "not used".
 # (The inner-loop fields shared by every meta-learning algorithm, inner_steps, inner_lr and the inner
 # optimiser's, are not listed: shipped studies give them to a whole table through one YAML anchor.)
-_ALGORITHM_ONLY = {"first_order": False, "recompute_inner_steps": False, "task_inner_steps": None}
+# Settings that only some algorithms take -> their default; a value other than the default given to
+# an algorithm that does not take the setting is refused (it would be dropped without a word).
+_ALGORITHM_ONLY = {"inner_steps": 5, "inner_lr": 1e-3, "inner_optimizer": "sgd", "inner_betas": (0.9, 0.999),
+                   "inner_eps": 1e-8, "inner_weight_decay": 0.0, "first_order": False, "recompute_inner_steps": False,
+                   "task_inner_steps": None}
 
 
 def check_algorithm_settings(settings: "TrainSettings") -> None:
@@ -467,6 +471,39 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """`executor: slurm`: each unit of the sweep (a stage and its fine-tunes, or one cell) is one
+    job of a Slurm job array, submitted through submitit (``pip install 'metalm[slurm]'``)."""
+
+    partition: str | None = None
+    """Slurm partition (default: the cluster's)."""
+    timeout_min: int = 240
+    """Time limit of each job, in minutes."""
+    cpus_per_task: int = 2
+    """CPUs of each job; its torch thread count unless `threads` is set."""
+    gpus_per_node: int = 0
+    mem_gb: float | None = None
+    """Memory of each job in GB (default: the partition's)."""
+    array_parallelism: int = 64
+    """At most this many jobs of the array run at once."""
+    retries: int = 1
+    """Times the unfinished cells of failed jobs are submitted again before the sweep gives up."""
+    folder: str | None = None
+    """Where submitit keeps jobs, results and logs (default `output_dir/slurm`); on a cluster it must
+    be on a file system the compute nodes share."""
+    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"
+    """auto: Slurm when its commands are available, else jobs run as processes on this machine
+    (submitit's local backend); local and debug (in this process, the debugger opening on a
+    failure) are for trying a sweep out."""
+    additional: dict[str, Any] = field(default_factory=dict)
+    """Further sbatch options, e.g. `{account: my-lab, qos: normal}`."""
+
+    def __post_init__(self):
+        check_bounds(self, {"timeout_min": POSITIVE, "cpus_per_task": POSITIVE, "gpus_per_node": NON_NEGATIVE,
+                            "mem_gb": POSITIVE, "array_parallelism": POSITIVE, "retries": NON_NEGATIVE})
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     name: str
     """Row name in the results table."""
@@ -524,17 +561,25 @@ class ExperimentConfig:
     """torch's CPU thread count (of each worker under `executor: processes`); None: one thread for
     the random `tiny`/`mini` encoders (faster than two for models that small), torch's default
     otherwise, and under `executor: processes` the CPU count divided by `workers`."""
-    executor: Literal["local", "processes"] = "local"
+    executor: Literal["local", "processes", "slurm"] = "local"
     """local: every stage and fine-tune in this process, one after another; processes: a pool of
     `workers` processes on this machine, each running a stage and the fine-tunes that start from
-    it (or one cell without a stage) at a time."""
+    it (or one cell without a stage) at a time; slurm: the same units as jobs of a Slurm job array
+    (`slurm` settings)."""
     workers: int = 2
     """Processes of `executor: processes`."""
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    """Job settings of `executor: slurm`."""
+    stage_processes: int = 1
+    """Processes each training stage runs on (``torchrun --standalone`` on the machine that runs the
+    stage; one GPU each on CUDA). The fine-tunes stay in one process each."""
 
     def __post_init__(self):
         check_threads(self.threads)
         if self.workers < 1:
             raise ConfigError(f"workers: expected a positive number of processes, got {self.workers}")
+        if self.stage_processes < 1:
+            raise ConfigError(f"stage_processes: expected a positive number of processes, got {self.stage_processes}")
         check_precision_name(self.precision)
         for i, fraction in enumerate(self.fractions):
             check_fraction(fraction, where=f"fractions[{i}]")

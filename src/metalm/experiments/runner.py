@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from metalm.builders import build_model
+from metalm.experiments import SweepFailed
 from metalm.config import ConfigError, check_same_settings, parse, to_dict
 from metalm.experiments.references import task_references
 from metalm.experiments.report import study_warnings, write_reports
@@ -97,7 +98,31 @@ def run_stage(cfg: ExperimentConfig, method: MethodConfig, stage: Stage, *, prog
     train_cfg = TrainConfig(train=method.train, encoder=cfg.encoder, data=cfg.data, seed=stage.seed,
                             device=cfg.device, precision=cfg.precision, output_dir=str(stage.folder),
                             subsample=stage.subsample)
+    if cfg.stage_processes > 1:
+        return _run_stage_processes(train_cfg, cfg.stage_processes)
     return run_train(train_cfg, resume=True, progress=progress)
+
+
+def _run_stage_processes(train_cfg: TrainConfig, nproc: int) -> Path:
+    """``metalm train STAGE --resume --nproc N``: the stage under torchrun with ``nproc`` processes
+    (resuming what is there)."""
+    import subprocess
+
+    folder = Path(train_cfg.output_dir)
+    final = folder / "final"
+    if (final / "heads.json").exists():
+        return final
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    spec = folder.parent / f".{folder.name}-stage.json"
+    write_text_atomic(spec, json.dumps(to_dict(train_cfg), indent=1))
+    command = [sys.executable, "-m", "metalm", "train", str(spec), "--resume", "--nproc", str(nproc)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0 or not (final / "heads.json").exists():
+        tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"stage {folder} on {nproc} processes failed (exit {done.returncode}): "
+                           f"{' '.join(command)}\n{tail}")
+    spec.unlink()
+    return final
 
 
 def read_stage_rows(stage: Stage) -> dict:
@@ -182,7 +207,8 @@ def _run_experiment(cfg: ExperimentConfig, *, progress: bool) -> tuple[list[dict
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
-    ran = _run_pool(cfg, specs, finetune, jobs, progress=progress) if cfg.executor == "processes" else set()
+    ran = {"processes": _run_pool, "slurm": _run_slurm}.get(cfg.executor, lambda *a, **k: set())(
+        cfg, specs, finetune, jobs, progress=progress)
     rows: list[dict] = []
     curves: list[dict] = []
     loaded: dict[str, tuple] = {}  # stage folder -> (model, tokenizer), the latest only
@@ -271,6 +297,62 @@ def _run_pool(cfg: ExperimentConfig, specs, finetune, jobs, *, progress: bool) -
             for future in futures:
                 future.cancel()
             raise
+    return done
+
+
+def _run_slurm(cfg: ExperimentConfig, specs, finetune, jobs, *, progress: bool) -> set[Path]:
+    """Runs every unfinished unit as one job of a Slurm job array (submitit); the unfinished cells
+    of failed jobs are submitted again up to `slurm.retries` times. Returns the finished cells' paths.
+    Each job claims its cells as the pool's workers do, so a cell never runs twice."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise ConfigError("executor: slurm needs submitit: pip install 'metalm[slurm]' (or pip install submitit)") \
+            from err
+    settings = cfg.slurm
+    folder = Path(settings.folder or Path(cfg.output_dir) / "slurm")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=None if settings.cluster == "auto" else settings.cluster)
+    params = {"name": f"metalm-{Path(cfg.output_dir).name}", "timeout_min": settings.timeout_min,
+              "cpus_per_task": settings.cpus_per_task, "slurm_array_parallelism": settings.array_parallelism}
+    if settings.partition:
+        params["slurm_partition"] = settings.partition
+    if settings.gpus_per_node:
+        params["gpus_per_node"] = settings.gpus_per_node
+    if settings.mem_gb:
+        params["mem_gb"] = settings.mem_gb
+    if settings.additional:
+        params["slurm_additional_parameters"] = dict(settings.additional)
+    executor.update_parameters(**params)
+    threads = cfg.threads or settings.cpus_per_task
+    done: set[Path] = set()
+    failures: list[str] = []
+    for attempt in range(settings.retries + 1):
+        units = _units(cfg, specs, finetune, jobs)
+        if not units:
+            break
+        if progress:
+            again = f" (attempt {attempt + 1} of {settings.retries + 1})" if attempt else ""
+            note(f"submitting {sum(map(len, units))} cell(s) as {len(units)} job(s) to {executor.cluster}{again}; "
+                 f"logs under {folder}")
+        submitted = executor.map_array(run_unit, [cfg] * len(units), units, [threads] * len(units))
+        failures = []
+        bar = Progress(list(zip(submitted, units)), desc="jobs", enabled=progress)
+        for job, unit in bar:  # in submission order: every job is waited for anyway
+            try:
+                done.update(job.result())
+            except Exception as err:  # the job's own error, or its death (time limit, memory, node)
+                cells = ", ".join(_cell(cfg, specs, finetune, jobs[i])[0] for i in unit)
+                failures.append(f"job {job.job_id} ({cells}): {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}; "
+                                f"logs: {job.paths.stdout.parent}")
+                if progress:
+                    note(f"warning: {failures[-1]}")
+            bar.set_postfix_str(f"{len(done)} cell(s) done")
+        if not failures:
+            break
+    if failures:
+        raise SweepFailed(f"{len(failures)} job(s) of the sweep in {cfg.output_dir} failed on every one of "
+                          f"{settings.retries + 1} attempt(s) (slurm.retries: {settings.retries}); the finished cells "
+                          "are kept, so running the sweep again resumes it:\n  " + "\n  ".join(failures))
     return done
 
 

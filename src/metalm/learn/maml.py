@@ -154,6 +154,7 @@ class MAML:
         self.first_order = first_order
         self.support_batches = inner_steps
         self.cross_task_support = cross_task
+        self.reduction = "mean"  # the meta-gradient is the mean over the meta-batch
         self.recompute_inner_steps = recompute_inner_steps
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
                                                      weight_decay=inner_weight_decay, second_order=not first_order)

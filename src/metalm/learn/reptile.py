@@ -90,6 +90,7 @@ class Reptile:
         self.inner_steps = inner_steps
         self.support_batches = inner_steps
         self.cross_task_support = False
+        self.reduction = "mean"  # the meta-gradient is the mean over the meta-batch
         self.task_inner_steps = dict(task_inner_steps or {})
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, lr=inner_lr, betas=inner_betas, eps=inner_eps,
                                                      weight_decay=inner_weight_decay)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task
 from metalm.data.batching import BatchStream, to_device
 from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                                    save_checkpoint)
+                                    rng_state, save_checkpoint, set_rng_state)
+from metalm.train.distributed import share
 from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
 from metalm.train.logging import RunLogger
@@ -115,20 +117,37 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         skip_nonfinite: how many steps with a non-finite loss or gradient norm may be skipped
             (no parameter, optimiser or sampler update; the schedule still advances; a ``skipped``
             log event each); the next such step raises `TrainingDiverged`, as the first does at 0.
-        comm: the seam to other processes (``metalm.contracts.Communicator``): outer gradients are
-            averaged over processes before clipping, meta-test losses before the sampler sees them.
-            Default: one process.
+        comm: the seam to other processes (``metalm.contracts.Communicator``; one process by
+            default). With several (``metalm.train.distributed``), each step's episodes are split
+            into contiguous shares, one per process; every process draws the same tasks and
+            advances every batch stream, but builds and runs only its share. The outer gradients
+            and step statistics are summed with each share's weight before clipping, so every
+            process applies the same update; only rank 0 writes logs and checkpoints (which keep
+            every process's RNG state).
     """
     comm = comm if comm is not None else LocalCommunicator()
+    main = comm.rank == 0
+    say = note if main else _silent
+    count = len(tasks) if all_tasks else tasks_per_step
+    if comm.world_size > count:
+        raise ValueError(f"{run_dir}: {count} episode(s) per step cannot be shared by {comm.world_size} processes: "
+                         f"set train.tasks_per_step to at least {comm.world_size} (a multiple of it for equal "
+                         "shares), or start fewer processes")
+    mine = share(count, comm.rank, comm.world_size)
+    weight = len(mine) / count if algorithm.reduction == "mean" else 1.0
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
     start = 0
-    stale = remove_stale_temporaries(run_dir)
-    if stale:
-        note(f"removed {stale} unfinished checkpoint write(s) under {Path(run_dir) / 'checkpoints'}")
-    checkpoint = latest_checkpoint(run_dir, warn=lambda m: note(f"warning: {m}")) if resume else None
+    if main:
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            note(f"removed {stale} unfinished checkpoint write(s) under {Path(run_dir) / 'checkpoints'}")
+    checkpoint = latest_checkpoint(run_dir, warn=lambda m: note(f"warning: {m}")) if resume and main else None
+    checkpoint = comm.broadcast_object(checkpoint)  # every process resumes from the checkpoint rank 0 chose
     machine = {"threads": torch.get_num_threads(), "device": str(device)}
+    if comm.world_size > 1:
+        machine["world_size"] = comm.world_size
     inputs = input_fingerprints(tasks)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -136,19 +155,30 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         start = state["step"]
         then = state.get("machine")
         if then is not None and then != machine:
-            note(f"warning: resuming with {machine} where the checkpoint was written with {then}; the run "
-                 "continues, but bit-exact resumption holds only with the same thread count and device")
+            say(f"warning: resuming with {machine} where the checkpoint was written with {then}; the run "
+                "continues (every process reads the same sampler and batch-stream state, so the data order is "
+                "unchanged), but bit-exact resumption holds only with the same thread count, device and number "
+                "of processes")
+        ranks = state.get("rng_ranks")
+        if ranks and comm.rank < len(ranks):
+            set_rng_state(ranks[comm.rank])
+        elif comm.rank > 0:
+            torch.manual_seed(_rank_seed(seed, comm.rank, start))
         sampler.load_state_dict(state["sampler"])
         for name, stream_state in state["streams"].items():
             streams[name].load_state_dict(stream_state)
-    logger = RunLogger(run_dir, resume_step=start if checkpoint is not None else None, tensorboard=tensorboard)
+    elif comm.rank > 0:
+        torch.manual_seed(_rank_seed(seed, comm.rank, 0))  # dropout: each process draws its own masks
+    comm.broadcast_module(model)
+    logger = (RunLogger(run_dir, resume_step=start if checkpoint is not None else None, tensorboard=tensorboard)
+              if main else _NoLogger())
     result = LoopResult(step=start, last_loss=float("nan"),
                         skipped=int(state.get("skipped", 0)) if checkpoint is not None else 0)
     model.train()
     if checkpoint is not None:
-        note(f"resumed {run_dir} from step {start} ({checkpoint})")
+        say(f"resumed {run_dir} from step {start} ({checkpoint})")
     bar = Progress(range(start, steps), initial=start, total=steps, desc=f"train {Path(run_dir).name}",
-                   enabled=progress)
+                   enabled=progress and main)
     try:
         if start == 0:
             with mixed():
@@ -157,15 +187,20 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             algorithm.at_step(step)
             if before_step is not None:
                 before_step(step)
-            if all_tasks:
-                episodes = [_episode(sampler, tasks, streams, algorithm, device, name=n) for n in tasks]
-            else:
-                episodes = [_episode(sampler, tasks, streams, algorithm, device) for _ in range(tasks_per_step)]
+            drawn = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
+                [_draw(sampler, algorithm) for _ in range(tasks_per_step)]
+            episodes = [_episode(names, tasks, streams, device, algorithm.cross_task_support, build=i in mine)
+                        for i, names in enumerate(drawn)]
+            episodes = [e for e in episodes if e is not None]
             optimizer.zero_grad(set_to_none=True)
             with mixed():
                 stats = algorithm.step(model, episodes)
+            if comm.world_size > 1:
+                comm.reduce_gradients([p for p in model.parameters() if p.requires_grad], weight)
+                stats = comm.reduce_mean(stats, weight)
+            else:
+                comm.reduce_gradients([p for p in model.parameters() if p.grad is not None], weight)
             params = [p for p in model.parameters() if p.grad is not None]
-            comm.reduce_gradients(params)
             if sampler.request(step + 1).encoder_grad_norm:
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
             grad_norm = _clip(params, clip_norm)
@@ -173,7 +208,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             done = step + 1
             stopping = False
             if not finite:
-                names = sorted({e.task for e in episodes} | {t for e in episodes for t in e.support_tasks})
+                names = sorted({t for d in drawn for t in d})
                 what = f"step {done}: loss {stats.get('loss')} and gradient norm {grad_norm} on task(s) {', '.join(names)}"
                 if result.skipped >= skip_nonfinite:
                     limit = (f" after {result.skipped} skipped step(s) (train.skip_nonfinite: {skip_nonfinite})"
@@ -183,19 +218,19 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 result.skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()  # the schedule keeps its length; parameters, moments and sampler stay
-                note(f"warning: {run_dir}: skipped {what} ({result.skipped} of at most {skip_nonfinite})")
+                say(f"warning: {run_dir}: skipped {what} ({result.skipped} of at most {skip_nonfinite})")
                 logger.log({"event": "skipped", "step": done, "tasks": names, "loss": str(stats.get("loss")),
                             "grad_norm": str(grad_norm), "skipped": result.skipped})
                 result.step = done
             else:
                 optimizer.step()
                 scheduler.step()
-                sampler.update({"tasks": [e.task for e in episodes], **stats})
+                sampler.update({"tasks": [d[-1] for d in drawn], **stats})
                 with mixed():
                     _meta_test(sampler, model, tasks, done, seed, comm)
                 result.step, result.last_loss = done, stats.get("loss", float("nan"))
                 if log_every and (done % log_every == 0 or done == steps):
-                    logger.log({"event": "train", "step": done, "task": episodes[0].task,
+                    logger.log({"event": "train", "step": done, "task": drawn[0][-1],
                                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
                     bar.set_postfix(loss=f"{result.last_loss:.4f}")
             if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
@@ -206,9 +241,14 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                 model.train()
                 stopping = stop is not None and stop(result.evaluations)
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()},
-                         "machine": machine, "inputs": inputs, "skipped": result.skipped}
-                save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
+                ranks = comm.gather_object(rng_state()) if comm.world_size > 1 else None
+                if main:
+                    extra = {"sampler": sampler.state_dict(), "streams": {n: s.state_dict() for n, s in streams.items()},
+                             "machine": machine, "inputs": inputs, "skipped": result.skipped}
+                    if ranks is not None:
+                        extra["rng_ranks"] = ranks
+                    save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
+                comm.barrier()  # no process runs ahead of a checkpoint that is still being written
             if on_step is not None:
                 on_step(done)
             if stopping:
@@ -219,19 +259,24 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
     return result
 
 
-def _episode(sampler: Sampler, tasks: Mapping[str, Task], streams: Mapping[str, BatchStream],
-             algorithm: Algorithm, device: torch.device, name: str | None = None) -> Episode:
-    """Support batches then one query batch, different batches of the episode's task (Dou §2.2);
-    with cross-task support each support batch's task is drawn from the sampler (Lv et al.).
-    ``name`` fixes the episode's task instead of drawing it."""
-    k = algorithm.support_batches
-    cross_task = algorithm.cross_task_support
-    if cross_task:
-        names = [sampler.sample() for _ in range(k + 1)]
-    else:
-        name = sampler.sample() if name is None else name
-        names = [name] * (algorithm.support_steps(name) + 1)
-    batches = [to_device(tasks[n].batch("train", streams[n].next_indices()), device) for n in names]
+def _draw(sampler: Sampler, algorithm: Algorithm, name: str | None = None) -> list[str]:
+    """The tasks of one episode's batches, support batches then the query: all the episode's task
+    (``name``, or one drawn from the sampler) or, with cross-task support, each drawn (Lv et al.)."""
+    if algorithm.cross_task_support:
+        return [sampler.sample() for _ in range(algorithm.support_batches + 1)]
+    name = sampler.sample() if name is None else name
+    return [name] * (algorithm.support_steps(name) + 1)
+
+
+def _episode(names: list[str], tasks: Mapping[str, Task], streams: Mapping[str, BatchStream],
+             device: torch.device, cross_task: bool, *, build: bool = True) -> Episode | None:
+    """Support batches then one query batch, different batches of the episode's task (Dou §2.2), or
+    of each batch's own task with cross-task support. Every process advances the streams for every
+    episode; with ``build`` false (another process's share) no batch is built and None is returned."""
+    rows = [streams[n].next_indices() for n in names]
+    if not build:
+        return None
+    batches = [to_device(tasks[n].batch("train", r), device) for n, r in zip(names, rows)]
     return Episode(task=names[-1], support=tuple(batches[:-1]), query=batches[-1],
                    support_tasks=tuple(names[:-1]) if cross_task else ())
 
@@ -244,6 +289,26 @@ def _meta_test(sampler: Sampler, model: torch.nn.Module, tasks: Mapping[str, Tas
     if request.validation:
         losses = validation_losses(model, tasks, batch_size=request.validation_batch_size, seed=seed, step=done)
         sampler.update({"validation_losses": comm.reduce_mean(losses)})
+
+
+def _silent(message: str) -> None:
+    """Processes other than rank 0 say nothing (rank 0 speaks for the run)."""
+
+
+class _NoLogger:
+    """Processes other than rank 0 write no log."""
+
+    def log(self, record: Mapping) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of process ``rank`` (> 0) when it starts at ``step`` without its own saved RNG
+    state; rank 0 keeps the seed the recipe set, as a one-process run does."""
+    return int(np.random.default_rng([seed, rank, step]).integers(2**62))
 
 
 def _clip(params: list[torch.Tensor], clip_norm: float | None) -> float:
