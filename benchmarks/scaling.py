@@ -1,18 +1,19 @@
 """Training across processes: meta-step throughput at 1 and 2 ranks, side by side.
 
     python benchmarks/scaling.py [--quick] [--encoder minilm] [--algorithms multitask,fomaml,maml,reptile]
-                                 [--episodes 2] [--k 1] [--steps 3] [--json out.json]
+                                 [--episodes 2] [--k 1] [--steps 4] [--rounds 2] [--json out.json]
 
 For each algorithm, the same training loop (``metalm.train.loop.train_loop``) runs in fresh
 processes joined by gloo (``metalm.train.distributed.TorchCommunicator``), one torch thread per
 rank, at 1 rank and at 2 ranks with the same work per rank: ``--episodes`` episodes per rank and
 step (so the meta-batch doubles at 2 ranks), ``--k`` inner steps, batches of 8 x 64 random token
-ids. Each run times ``--steps`` steps after one warm-up step (the median step time of rank 0, which
-waits for the gradient all-reduce). Throughput is episodes per second; the ratio of 2 ranks to 1
+ids. Each run times ``--steps`` steps after one warm-up step (rank 0's, which waits for the gradient
+all-reduce); ``--rounds`` rounds each run 1 rank and 2 ranks, in alternating order, and a step
+time is the median over every round, so a change in the machine's load falls on both alike. Throughput is episodes per second; the ratio of 2 ranks to 1
 is the speed-up of the same meta-batch per rank spread over two processes (2.0 would be perfect).
 Target (the scale-out issue): at least 1.8x for every algorithm. On a machine with fewer cores
-than ranks the ranks share cores and the ratio says so. ``--quick`` (a tiny random BERT) only
-checks that the script runs.
+than ranks the ranks share cores and the ratio says so. ``--quick`` (a tiny random BERT, multitask and
+MAML, one round) only checks that the script runs.
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random encoder, 2 timed steps")
     p.add_argument("--encoder", default=None, help="encoder (default minilm; quick: tiny)")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of " + ",".join(ALGORITHMS))
+    p.add_argument("--algorithms", default=None,
+                   help="comma-separated subset of " + ",".join(ALGORITHMS) + " (default all; quick: multitask,maml)")
     p.add_argument("--episodes", type=int, default=2, help="episodes per rank and step (default 2)")
     p.add_argument("--k", type=int, default=1, help="inner steps of the meta-learning algorithms (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3; quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 4; quick: 2)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of 1-rank and 2-rank runs (default 2; quick: 1)")
     p.add_argument("--json", default=None, help="write the numbers to this file")
     args = p.parse_args(argv)
-    _measure.fill_defaults(args, quick=dict(encoder="tiny", steps=2), full=dict(encoder="minilm", steps=3))
+    _measure.fill_defaults(args, quick=dict(encoder="tiny", steps=2, rounds=1, algorithms="multitask,maml"),
+                           full=dict(encoder="minilm", steps=4, rounds=2, algorithms=",".join(ALGORITHMS)))
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not args.algorithms or any(a not in ALGORITHMS for a in args.algorithms):
         p.error(f"--algorithms: choose from {', '.join(ALGORITHMS)}")
-    if args.episodes < 1 or args.k < 1 or args.steps < 1:
-        p.error("--episodes, --k and --steps must be >= 1")
+    if min(args.episodes, args.k, args.steps, args.rounds) < 1:
+        p.error("--episodes, --k, --steps and --rounds must be >= 1")
     return args
 
 
@@ -111,14 +115,17 @@ def _rank(rank: int, world: int, init_file: str, cfg: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _measure_run(cfg: dict, world: int) -> dict:
+def _times(cfg: dict, world: int) -> list[float]:
     import json
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="metalm-scaling-") as tmp:
         mp.spawn(_rank, args=(world, str(Path(tmp) / "init"), cfg, tmp), nprocs=world, join=True)
-        times = json.loads(Path(tmp, "times.json").read_text())
+        return json.loads(Path(tmp, "times.json").read_text())
+
+
+def _summary(cfg: dict, world: int, times: list[float]) -> dict:
     step = statistics.median(times)
     return {"ranks": world, "step_time_s": step, "times_s": times,
             "episodes_per_s": cfg["episodes"] * world / step}
@@ -131,20 +138,24 @@ def run(args: argparse.Namespace, command: str) -> dict:
     for algorithm in args.algorithms:
         cfg = {"encoder": args.encoder, "algorithm": algorithm, "k": args.k, "episodes": args.episodes,
                "steps": args.steps}
-        print(f"  {algorithm}: 1 rank ...", end=" ", file=sys.stderr, flush=True)
-        one = _measure_run(cfg, 1)
-        print(f"{one['step_time_s']:.3f} s/step; 2 ranks ...", end=" ", file=sys.stderr, flush=True)
-        two = _measure_run(cfg, 2)
-        print(f"{two['step_time_s']:.3f} s/step", file=sys.stderr, flush=True)
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for r in range(args.rounds):
+            for world in ((1, 2) if r % 2 == 0 else (2, 1)):
+                got = _times(cfg, world)
+                times[world] += got
+                print(f"  {algorithm}, round {r + 1}: {world} rank(s) {statistics.median(got):.3f} s/step",
+                      file=sys.stderr, flush=True)
+        one, two = _summary(cfg, 1, times[1]), _summary(cfg, 2, times[2])
         ratio = two["episodes_per_s"] / one["episodes_per_s"]
         rows[algorithm] = {"one": one, "two": two, "ratio": ratio}
         checks.append(_measure.target(f"{algorithm}: episodes/s at 2 ranks / 1 rank", ratio, 1.8, at_least=True))
     machine = _measure.machine("cpu", 1)
     result = {"command": command, "encoder": args.encoder, "episodes_per_rank": args.episodes, "k": args.k,
+              "rounds": args.rounds,
               "rows": rows, "machine": machine, "cpus": os.cpu_count(), "wall_time_s": time.perf_counter() - started,
               "targets": checks}
     lines = [f"## scaling: {args.encoder}, {args.episodes} episode(s) of {BATCH} x {SEQ} per rank and step, "
-             f"k={args.k}, gloo, 1 thread per rank", "",
+             f"k={args.k}, gloo, 1 thread per rank, {args.rounds} round(s) of {args.steps} timed steps", "",
              "| algorithm | 1 rank (s/step) | 2 ranks (s/step) | episodes/s, 1 rank | episodes/s, 2 ranks | ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():

@@ -57,7 +57,7 @@ def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
     assert math.isfinite(sweep["max_score_diff"])
 
     scaling = result["scaling"]["rows"]
-    assert set(scaling) == {"multitask", "fomaml", "maml", "reptile"}
+    assert set(scaling) == {"multitask", "maml"}
     assert all(positive(r["ratio"]) and r["two"]["ranks"] == 2 for r in scaling.values())
 
     peers = {(r["impl"], r["k"]): r for r in result["maml_peers"]["rows"]}

@@ -5,7 +5,8 @@ algorithm (multitask, FOMAML, second-order MAML, Reptile, meta-pretraining) and 
 run must end with the parameters of the one-process run with the same meta-batch and seeds
 (float64, dropout off in encoder and heads, so only the order of floating-point sums differs). A 2-process run with
 dropout on, killed after a checkpoint and resumed, must end bit for bit where the uninterrupted
-2-process run ends (each process's RNG state is in the checkpoint).
+2-process run ends (each process's RNG state is in the checkpoint). The word embeddings go through
+the row-sparse reduction of embedding tables, every other parameter through the dense one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
 
     from metalm.train.distributed import TorchCommunicator
 
+    import metalm.train.distributed as distributed
+
+    distributed.SPARSE_ROWS_FROM = 50  # the tiny word embeddings (100 rows) take the row-sparse path
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
