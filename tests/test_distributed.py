@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from metalm.learn.algorithms import build_algorithm
-from tests.test_meta_algorithms import B, VOCAB, StubTask, tiny_model
+from tests.test_meta_algorithms import B, StubTask, tiny_model
 
 # name -> (algorithm, its settings, sampler); every case runs 3 steps of a meta-batch of 4 episodes.
 CASES = {
@@ -46,17 +46,8 @@ def _sampler(kind: str):
 
 
 def _dropout_model() -> torch.nn.Module:
-    from transformers import AutoModel, BertConfig
-
-    from metalm.models.multitask import MultiTaskModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0)
-    model = MultiTaskModel(AutoModel.from_config(config, add_pooling_layer=False))
-    model.add_task("t", "classification", 2)
-    model.add_task("u", "classification", 3)
-    return model
+    """The tiny model with dropout 0.3 in its encoder (and its heads' 0.1), in float64."""
+    return tiny_model(dtype=torch.float64, dropout=0.3)
 
 
 def _without_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -107,15 +98,15 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
         for case in CASES:
             torch.save(_train(root / case, case, comm), root / f"{case}-rank{rank}.pt")
         # dropout on: uninterrupted, then killed after the step-2 checkpoint and resumed
-        torch.save(_train(root / "whole", "maml", comm, model=_dropout_model().double(), steps=4,
+        torch.save(_train(root / "whole", "maml", comm, model=_dropout_model(), steps=4,
                           checkpoint_every=2), root / f"whole-rank{rank}.pt")
         try:
-            _train(root / "killed", "maml", comm, model=_dropout_model().double(), steps=4, checkpoint_every=2,
+            _train(root / "killed", "maml", comm, model=_dropout_model(), steps=4, checkpoint_every=2,
                    kill_at=2)
         except _Killed:
             pass
         seen: list[int] = []
-        torch.save(_train(root / "killed", "maml", comm, model=_dropout_model().double(), steps=4,
+        torch.save(_train(root / "killed", "maml", comm, model=_dropout_model(), steps=4,
                           checkpoint_every=2, resume=True, seen=seen), root / f"resumed-rank{rank}.pt")
         torch.save(seen, root / f"resumed-steps-rank{rank}.pt")
     finally:
@@ -172,7 +163,7 @@ def test_dropout_differs_between_processes_so_resuming_needs_each_ones_rng(two_p
     from metalm.contracts import LocalCommunicator
 
     torch.set_num_threads(1)
-    one = _train(tmp_path / "one", "maml", LocalCommunicator(), model=_dropout_model().double(), steps=4)
+    one = _train(tmp_path / "one", "maml", LocalCommunicator(), model=_dropout_model(), steps=4)
     whole = torch.load(two_processes / "whole-rank0.pt")
     assert _close(whole, one, rtol=1e-9) != []
 

@@ -23,13 +23,14 @@ from metalm.models.multitask import MultiTaskModel
 VOCAB, B, T = 100, 4, 6
 
 
-def tiny_model(*, dtype=torch.float64, attn: str | None = None, seed: int = 0) -> MultiTaskModel:
-    """A 1-layer BERT (hidden 8) with two classification heads, in eval mode (no dropout)."""
+def tiny_model(*, dtype=torch.float64, attn: str | None = None, seed: int = 0, dropout: float = 0.0) -> MultiTaskModel:
+    """A 1-layer BERT (hidden 8) with two classification heads, in eval mode (the encoder's hidden
+    dropout is ``dropout``, none by default; the heads keep theirs, which eval mode turns off)."""
     from transformers import AutoModel, BertConfig
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        intermediate_size=16, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
     extra = {} if attn is None else {"attn_implementation": attn}
     model = MultiTaskModel(AutoModel.from_config(config, add_pooling_layer=False, **extra))
     model.add_task("t", "classification", 2)
