@@ -283,6 +283,21 @@ def test_algorithm_names_and_settings_are_checked_at_parse_time(train, expected)
     assert ".methods[1].train: " in str(info.value) and expected in str(info.value)
 
 
+@pytest.mark.parametrize("sampler, expected", [
+    ({"kind": "uniform", "meta_lr": 1.0}, "sampler.meta_lr: kind 'uniform' does not take it (it would be ignored); "
+                                          "it applies to kind mometas"),
+    ({"kind": "proportional", "target": "sst2"}, "sampler.target: kind 'proportional' does not take it"),
+    ({"kind": "gradient", "reward": "hard"}, "sampler.reward: kind 'gradient'"),
+    ({"kind": "mometas", "scaling": "proportional"}, "it applies to kind gradient, loss"),
+    ({"kind": "weights", "temperature": 2.0}, "sampler.temperature: kind 'weights'"),
+])
+def test_sampler_settings_a_kind_does_not_read_are_refused_at_parse_time(sampler, expected):
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(ExperimentConfig, {"targets": ["sst2"], "methods": [{"name": "base"}, {"name": "m", "train": {
+            "tasks": ["sst2", "quora"], "sampler": sampler}}]})
+    assert ".methods[1].train.sampler: " in str(info.value) and expected in str(info.value)
+
+
 def test_settings_an_algorithm_takes_pass_the_parse_time_check():
     parsed = cfg.parse(ExperimentConfig, {"targets": ["sst2"], "methods": [
         {"name": "a", "train": {"algorithm": "metapretrain", "first_order": True, "inner_steps": 3}},

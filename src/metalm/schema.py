@@ -6,6 +6,7 @@ Every field has a default where one makes sense and a one-line docstring. Builde
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -97,6 +98,7 @@ class SamplerConfig:
     minus the moving average of the earlier rewards (the REINFORCE baseline; not in the paper)."""
 
     def __post_init__(self):
+        check_sampler_settings(self)
         if self.reward_baseline is not None and not 0.0 <= self.reward_baseline < 1.0:
             raise ConfigError(f"sampler.reward_baseline: expected a decay in [0, 1) (or null), got {self.reward_baseline}")
         if self.ratio is not None:
@@ -105,6 +107,24 @@ class SamplerConfig:
             if self.period % sum(self.ratio):
                 raise ConfigError(f"sampler.ratio {self.ratio[0]}:{self.ratio[1]}: sampler.period ({self.period}) must "
                                   f"be a multiple of {sum(self.ratio)} so that every period keeps the ratio exactly")
+
+
+# Sampler settings that only some kinds read -> those kinds; a value other than the default given to
+# another kind is refused (it would be dropped without a word).
+_SAMPLER_ONLY = {"temperature": ("temperature",), "weights": ("weights",), "target": ("mixed",),
+                 "period": ("mixed",), "uniform_fraction": ("mixed",), "ratio": ("mixed",),
+                 "update_every": ("gradient", "loss", "mometas"), "scaling": ("gradient", "loss"),
+                 "meta_lr": ("mometas",), "entropy_weight": ("mometas",), "reward": ("mometas",),
+                 "validation_batch_size": ("mometas",), "reward_tasks": ("mometas",), "reward_baseline": ("mometas",)}
+
+
+def check_sampler_settings(sampler: "SamplerConfig") -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(sampler)}
+    for key, kinds in _SAMPLER_ONLY.items():
+        value = getattr(sampler, key)
+        if sampler.kind not in kinds and value != defaults[key]:
+            raise ConfigError(f"sampler.{key}: kind {sampler.kind!r} does not take it (it would be ignored); it "
+                              f"applies to kind {', '.join(kinds)}, got {key}={value!r}")
 
 
 @dataclass(frozen=True)
