@@ -37,8 +37,8 @@ def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
             if method["train"].get("objectives"):  # corpus objectives: a few sentences, a meta-test every step
                 method["train"]["objectives"] = [{**o, "corpus": {**o["corpus"], "max_sentences": 40}}
                                                  for o in method["train"]["objectives"]]
-                if "sampler" in method["train"]:  # adaptive samplers: an update every step
-                    method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
+                if method["train"].get("sampler", {}).get("kind") in ("gradient", "loss", "mometas"):
+                    method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}  # adaptive
             if method["train"].get("sampler", {}).get("kind") == "mometas":  # a meta-test every step
                 method["train"]["sampler"] = {**method["train"]["sampler"], "update_every": 1}
     path = out.parent / f"{study}.yaml"
