@@ -139,7 +139,7 @@ def test_two_processes_end_where_one_process_ends(two_processes, case, tmp_path)
 
     torch.set_num_threads(1)
     one = _train(tmp_path / case, case, LocalCommunicator())
-    ranks = [torch.load(two_processes / f"{case}-rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_processes / f"{case}-rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in one)  # the processes agree exactly
     assert _close(ranks[0], one) == []
     start = tiny_model(dtype=torch.float64)
@@ -150,10 +150,10 @@ def test_two_processes_end_where_one_process_ends(two_processes, case, tmp_path)
 
 
 def test_a_killed_two_process_run_resumes_bit_for_bit(two_processes):
-    whole = torch.load(two_processes / "whole-rank0.pt")
+    whole = torch.load(two_processes / "whole-rank0.pt", weights_only=True)
     for rank in range(2):
-        assert torch.load(two_processes / f"resumed-steps-rank{rank}.pt") == [3, 4]  # it resumed at step 2
-        resumed = torch.load(two_processes / f"resumed-rank{rank}.pt")
+        assert torch.load(two_processes / f"resumed-steps-rank{rank}.pt", weights_only=True) == [3, 4]  # it resumed at step 2
+        resumed = torch.load(two_processes / f"resumed-rank{rank}.pt", weights_only=True)
         assert all(torch.equal(resumed[n], whole[n]) for n in whole), rank
 
 
@@ -164,7 +164,7 @@ def test_dropout_differs_between_processes_so_resuming_needs_each_ones_rng(two_p
 
     torch.set_num_threads(1)
     one = _train(tmp_path / "one", "maml", LocalCommunicator(), model=_dropout_model(), steps=4)
-    whole = torch.load(two_processes / "whole-rank0.pt")
+    whole = torch.load(two_processes / "whole-rank0.pt", weights_only=True)
     assert _close(whole, one, rtol=1e-9) != []
 
 

@@ -156,10 +156,6 @@ def communicator_from_env(device: str = "auto") -> Communicator:
     return TorchCommunicator()
 
 
-def is_main(comm: Communicator) -> bool:
-    return comm.rank == 0
-
-
 def share(count: int, rank: int, world_size: int) -> range:
     """The contiguous block of ``count`` episodes that process ``rank`` runs (sizes differ by at most one)."""
     base, extra = divmod(count, world_size)
@@ -167,4 +163,4 @@ def share(count: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-__all__ = ["TorchCommunicator", "communicator_from_env", "is_main", "launched_world_size", "local_rank", "share"]
+__all__ = ["TorchCommunicator", "communicator_from_env", "launched_world_size", "local_rank", "share"]
