@@ -171,6 +171,26 @@ def _model_with_heads():
     return model
 
 
+def test_head_seeds_depend_on_the_name_not_its_letters_or_the_task_order():
+    from metalm.builders import add_heads, build_model, head_seed
+
+    class FakeTask:
+        def __init__(self, kind, labels):
+            self.kind, self.spec = kind, type("Spec", (), {"num_labels": labels})()
+
+    def heads(names):
+        model, _ = build_model(EncoderConfig(name="tiny", dropout=0.0), seed=0)
+        add_heads(model, {n: FakeTask("classification", 3) for n in names}, seed=0)
+        return {n: torch.cat([p.detach().flatten() for p in model.heads[n].parameters()]) for n in names}
+
+    forward, backward = heads(["ab", "ba"]), heads(["ba", "ab"])
+    assert not torch.equal(forward["ab"], forward["ba"])  # sum(map(ord, name)) gave anagrams one head
+    for name in ("ab", "ba"):
+        assert torch.equal(forward[name], backward[name])
+    assert head_seed(0, "ab") != head_seed(0, "ba") and head_seed(1, "ab") != head_seed(0, "ab")
+    assert 0 <= head_seed(-3, "ab") < 2**64
+
+
 def _old_groups(model) -> list[list[torch.nn.Parameter]]:
     """The grouping before head_lr existed: weight matrices (decay), then biases and norms."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -76,11 +77,17 @@ def build_tasks(refs: Sequence[TaskRef], tokenizer, *, data: DataConfig, max_len
     return tasks
 
 
+def head_seed(seed: int, name: str) -> int:
+    """The torch seed of task ``name``'s head: the run's seed and a CRC-32 of the name, so the seed does
+    not depend on the task order or the process, and anagrams (``ab``, ``ba``) get different heads."""
+    return (seed * 2**32 + zlib.crc32(name.encode("utf-8"))) % 2**64  # torch takes seeds below 2**64
+
+
 def add_heads(model: MultiTaskModel, tasks: Mapping[str, Task], *, seed: int) -> None:
-    """Adds a head per task, in task order, with initialisation seeded per task name."""
+    """Adds a head per task, in task order, with initialisation seeded per task name (``head_seed``)."""
     for name, task in tasks.items():
         if name not in model.heads:
-            torch.manual_seed(seed + sum(map(ord, name)))
+            torch.manual_seed(head_seed(seed, name))
             spec = task.spec
             options = {"head": spec.head, "pair": spec.pair_encoding,
                        "cosine_scale": spec.cosine_scale} if isinstance(spec, TaskSpec) else {}  # objectives: none

@@ -85,15 +85,22 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, lr: float,
         (another task's head) are passed through as the same tensor objects.
     """
     loss = loss_fn(params, batch)
-    names = [name for name, p in params.items() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+    grads = _gradients(loss, params, first_order=first_order)
     new = dict(params)
-    for name, grad in zip(names, grads):
+    for name, grad in grads.items():
         if grad is None:
             continue
         # first order: `grad` carries no graph, so dθ'/dθ = I
         new[name] = torch.add(params[name], grad, alpha=-lr)  # θ − α·g in one kernel, no α·g temporary
     return new, loss.detach()
+
+
+def _gradients(loss: Tensor, params: Params, *, first_order: bool) -> dict[str, Tensor | None]:
+    """∇loss for every parameter that requires grad (None where the loss does not reach it); with
+    ``first_order`` the gradients carry no graph, otherwise they stay differentiable in ``params``."""
+    names = [name for name, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+    return dict(zip(names, grads))
 
 
 def adapt_with_losses(loss_fn: LossFn | Sequence[LossFn], params: Params, support: Sequence[Batch], *, lr: float,
@@ -135,9 +142,7 @@ def _optimizer_step(loss_fn: LossFn, params: Params, batch: Batch, optimizer, st
     """One inner step of a stateful optimiser (``inner_optim.InnerAdam``): gradients as in
     ``inner_step`` (detached for first order), then the optimiser's functional update."""
     loss = loss_fn(params, batch)
-    names = [name for name, p in params.items() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
-    new, state = optimizer.update(params, dict(zip(names, grads)), state, step)
+    new, state = optimizer.update(params, _gradients(loss, params, first_order=first_order), state, step)
     return new, state, loss.detach()
 
 
