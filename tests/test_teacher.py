@@ -287,6 +287,70 @@ def test_every_method_pretrains_with_finite_losses(method):
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
 
 
+# Pins of pretrain() at a tiny size: 3 optimizer steps of 2 micro-batches (batch 4, 2 examples per
+# task, warmup 2), float64, dropout 0.1 from torch.manual_seed(0). Recorded from the code before
+# Shen's step moved onto the shared optimiser groups (commit d2e65bd, the own loop with ``_apply``),
+# by printing ``_pinned_run(method)`` with OMP_NUM_THREADS=1. Each model gives (sum, sum of squares,
+# index-weighted sum) of all its parameter values, taken with math.fsum in parameter order; the curve
+# gives the held-out MLM loss after each step; ``h`` the hard-label feedback of every micro-batch.
+# The mlm baseline never trains the teacher, so its teacher numbers are the initial weights'.
+PINS = {
+    'mlm': {"student": (11.484914279920654, 12.317589265218365, 5661.051897366394),
+            "teacher": (11.871893777533842, 12.447551053443657, 5956.767921214283),
+            "mlm_loss": [4.276675258465564, 4.272002288665043, 4.270712910095405],
+            "h": []},
+    'hard': {"student": (11.359301931739376, 12.292382992834463, 5715.217487705847),
+             "teacher": (11.784813707961344, 12.460386867883551, 5803.949423111733),
+             "mlm_loss": [4.275020010760305, 4.2734777998441205, 4.272686781722932],
+             "h": [-0.010060694664356159, 0.0424871613776347, -0.003175745968058235, 0.04110720510000989,
+                   0.07124368742437354, -0.03300245798904479]},
+    'soft': {"student": (11.662171060267891, 12.200796886733293, 5771.942250003648),
+             "teacher": (11.774447155978194, 12.498888770378732, 5887.847764120924),
+             "mlm_loss": [4.281122272010399, 4.277825458052737, 4.276942650865723],
+             "h": []},
+    'soft_fixed_y': {"student": (11.22870624654045, 12.362880081719652, 5643.235838497325),
+                     "teacher": (11.611721122059048, 12.488505826037514, 5745.131460721212),
+                     "mlm_loss": [4.275734377536262, 4.271330097629528, 4.269610780980579],
+                     "h": []},
+    'hard_fixed_y': {"student": (11.495441165375022, 12.317936182588898, 5775.06631789727),
+                     "teacher": (11.644224164761006, 12.462426914132731, 5733.689283573071),
+                     "mlm_loss": [4.276840825061761, 4.273620158126877, 4.272145898605164],
+                     "h": [-0.026744689558386162, -0.06708764396711053, -0.0406943417688873, -0.03588719222422593,
+                           -0.002460661713194959, -0.005789390103102875]},
+}
+
+
+def _fingerprint(model) -> tuple[float, float, float]:
+    import math
+    values = [v for p in model.parameters() for v in p.detach().flatten().tolist()]
+    return (math.fsum(values), math.fsum(v * v for v in values), math.fsum(i * v for i, v in enumerate(values)))
+
+
+def _pinned_run(method, **kwargs):
+    torch.manual_seed(0)
+    size = ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2)  # dropout 0.1
+    teacher, student = teacher_and_student(size, seed=0)
+    teacher, student = teacher.double(), student.double()
+    unlabelled = tm.unlabelled_sequences(16, noise=0.1, seed=0)
+    held = obj.mask_tokens(unlabelled[:4], masking_scheme(), generator=torch.Generator().manual_seed(0))
+    labelled = tm.labelled_set(8, noise=0.1, seed=1)
+    settings = PretrainSettings(method, samples=24, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2)
+    out = pretrain(settings, teacher, student, unlabelled, [(labelled.inputs, labelled.targets())], held, seed=0,
+                   **kwargs)
+    return teacher, student, out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrain_keeps_its_pinned_outcome_bit_for_bit(method):
+    teacher, student, out = _pinned_run(method)
+    pin = PINS[method]
+    assert out["steps"] == 3
+    assert _fingerprint(student) == pin["student"]
+    assert _fingerprint(teacher) == pin["teacher"]
+    assert [c["mlm_loss"] for c in out["curve"]] == pin["mlm_loss"]
+    assert out["h"] == pin["h"]
+
+
 # --- the study ------------------------------------------------------------------------------
 
 def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
