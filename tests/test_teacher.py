@@ -351,6 +351,33 @@ def test_pretrain_keeps_its_pinned_outcome_bit_for_bit(method):
     assert out["h"] == pin["h"]
 
 
+@pytest.mark.parametrize("kind", ["mlm", "hard", "soft"])
+def test_teacher_student_step_writes_grads_that_add_up(kind):
+    from metalm.contracts import Episode
+    from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unlabelled_batch
+
+    teacher, student = _tiny()
+    pair = TeacherAndStudent(teacher, student)
+    x_u, _, support, query = _batches()
+    episode = Episode(task="t", support=(unlabelled_batch(x_u), support), query=query)
+
+    def grads(calls):
+        pair.zero_grad(set_to_none=True)
+        algorithm = TeacherStudentStep(kind, masking_scheme(), torch.Generator().manual_seed(0), meta_weight=1.0)
+        for _ in range(calls):
+            algorithm.generator.manual_seed(0)  # the same draws each call
+            stats = algorithm.step(pair, [episode])
+            assert np.isfinite(stats["loss"])
+        return {n: None if p.grad is None else p.grad.clone() for n, p in pair.named_parameters()}
+
+    once, twice = grads(1), grads(2)
+    assert any(g is not None for n, g in once.items() if n.startswith("student."))
+    assert any(g is not None for n, g in once.items() if n.startswith("teacher.")) == (kind != "mlm")
+    for name, g in once.items():
+        if g is not None:
+            torch.testing.assert_close(twice[name], 2 * g, rtol=1e-12, atol=1e-15)
+
+
 # --- the study ------------------------------------------------------------------------------
 
 def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):

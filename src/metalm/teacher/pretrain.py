@@ -1,9 +1,10 @@
 """One run of the Two Moons study: pre-train a student (MLM or a teacher's pseudo data), fine-tune it
 on a labelled set, score it (Shen, §4.1-4.2, Tables 5-6).
 
-The training step is one loop for every method: the objective functions of ``objective.py``
-produce gradients, this file accumulates them (``grad_accum`` micro-batches), clips them and
-applies AdamW with the inverse-square-root schedule of §4.1.
+The training step is one algorithm for every method (``algorithm.TeacherStudentStep``: the objective
+functions of ``objective.py`` write the gradients); the student and the teacher are two optimiser
+groups (``metalm.train.groups``: AdamW with the inverse-square-root schedule of §4.1, each clipped
+by its own norm), and ``grad_accum`` micro-batches add up before each step.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from metalm.learn.functional import accumulate_grads, trainable_params
+from metalm.contracts import Episode
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
+from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unlabelled_batch
 from metalm.teacher.model import Encoder
 from metalm.config import ConfigError
+from metalm.train.groups import OptimGroup, accumulate, apply_groups
 from metalm.train.optim import build_optimizer
 
 METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
@@ -154,6 +157,50 @@ def mlm_loss(student: Encoder, held_out: obj.Batch) -> float:
     return float(obj.sequence_ce(logits, held_out["target"], held_out["weight"]))
 
 
+def schedule(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``inverse_sqrt`` as a LambdaLR. The optimiser must be built with lr 1, so the factor is the
+    learning rate itself (1 × lr, exactly)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: inverse_sqrt(step, peak_lr=peak_lr, warmup=warmup))
+
+
+def optim_groups(settings: PretrainSettings, teacher: Encoder, student: Encoder) -> list[OptimGroup]:
+    """The student's group (AdamW + inverse-sqrt schedule, clipped at ``clip``), then the teacher's
+    alike for the meta methods (the MLM baseline trains the student only)."""
+    groups = []
+    for name, model in (("student", student), ("teacher", teacher)):
+        if name == "teacher" and settings.method == "mlm":
+            continue
+        optimizer = adamw(model, 1.0, 0.01)
+        groups.append(OptimGroup(name, tuple(model.parameters()), optimizer,
+                                 schedule(optimizer, peak_lr=settings.peak_lr, warmup=settings.warmup),
+                                 settings.clip))
+    return groups
+
+
+def step_algorithm(settings: PretrainSettings, scheme: obj.MaskingScheme, generator: torch.Generator,
+                   student_optimizer: torch.optim.Optimizer) -> TeacherStudentStep:
+    """The algorithm of ``settings.method`` (its h reads ``student_optimizer`` when ``h_update`` is
+    ``optimizer``)."""
+    kind = "mlm" if settings.method == "mlm" else ("soft" if settings.soft else "hard")
+    uses_optimizer = kind == "hard" and settings.h_update == "optimizer"
+    return TeacherStudentStep(kind, scheme, generator, fixed_y=settings.fixed_y, inner_lr=settings.inner_lr,
+                              meta_weight=settings.weight, h_form=settings.h_form,
+                              student_optimizer=student_optimizer if uses_optimizer else None)
+
+
+def draw_episode(unlabelled: Tensor, sampler: TaskSampler | None, *, batch_size: int,
+                 generator: torch.Generator) -> Episode:
+    """One micro-batch: ``batch_size`` unlabelled rows drawn with replacement, then (meta methods,
+    ``sampler`` given) a support and a query batch (``TaskSampler``)."""
+    idx = torch.randint(len(unlabelled), (batch_size,), generator=generator)
+    x_u = unlabelled_batch(unlabelled[idx], PAD)
+    if sampler is None:
+        return Episode(task="mlm", support=(x_u,), query=x_u)
+    support, query = sampler()
+    return Episode(task="shen", support=(x_u, support), query=query)
+
+
 def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unlabelled: Tensor,
              tasks: list[tuple[Tensor, Tensor]], held_out: obj.Batch, *, seed: int,
              scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None) -> dict:
@@ -172,49 +219,23 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
     """
     g = torch.Generator().manual_seed(seed)
     scheme = scheme or masking_scheme()
-    sampler = TaskSampler(tasks, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
-                          samples_per_task=settings.samples_per_task, generator=g)
-    s_opt = adamw(student, settings.peak_lr, 0.01)
-    t_opt = adamw(teacher, settings.peak_lr, 0.01) if settings.method != "mlm" else None
-    s_params, t_params = trainable_params(student), trainable_params(teacher)
+    sampler = None
+    if settings.method != "mlm":
+        sampler = TaskSampler(tasks, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
+                              samples_per_task=settings.samples_per_task, generator=g)
+    pair = TeacherAndStudent(teacher, student)
+    groups = optim_groups(settings, teacher, student)
+    algorithm = step_algorithm(settings, scheme, g, groups[0].optimizer)
+    params = list(pair.parameters())
     steps = max(1, settings.samples // (settings.batch_size * settings.grad_accum))
     eval_every = max(1, steps // settings.evals)
     best = (mlm_loss(student, held_out), copy.deepcopy(student.state_dict()))
-    curve, hs, skipped, samples = [], [], 0, []
+    curve, samples = [], []
     for step in range(steps):
         for _ in range(settings.grad_accum):
-            idx = torch.randint(len(unlabelled), (settings.batch_size,), generator=g)
-            x_u = unlabelled[idx]  # (B, T)
-            keep = x_u != PAD
-            if settings.method == "mlm":
-                out = obj.mlm_step(student, s_params, x_u, scheme, generator=g)
-            else:
-                support, query = sampler()
-                kwargs = dict(inner_lr=settings.inner_lr, meta_weight=settings.weight, fixed_y=settings.fixed_y)
-                if settings.soft:
-                    out = obj.soft_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, **kwargs)
-                else:
-                    pre_update = None
-                    if settings.h_update == "optimizer":
-                        lr_now = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
-                        for group in s_opt.param_groups:  # the lr the coming step will use
-                            group["lr"] = lr_now
-                        pre_update = lambda grads: obj.adamw_update(s_params, grads, s_opt)  # noqa: E731
-                    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query,
-                                              h_form=settings.h_form, generator=g, pre_update=pre_update,
-                                              **kwargs)
-                    hs.append(out.stats["h"])
-                    skipped += out.teacher_grads is None
-                aux = obj.teacher_aux_loss(teacher, t_params, x_u, keep, obj.mask_tokens(x_u, scheme, generator=g))
-                aux_grads = torch.autograd.grad(aux, list(t_params.values()))
-                meta = out.teacher_grads or {}
-                accumulate_grads(t_params, {n: (a + meta[n] if n in meta else a) / settings.grad_accum
-                                            for n, a in zip(t_params, aux_grads)})
-            accumulate_grads(s_params, {n: v / settings.grad_accum for n, v in out.student_grads.items()})
-        lr = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
-        _apply(student, s_opt, lr=lr, clip=settings.clip)
-        if t_opt is not None:
-            _apply(teacher, t_opt, lr=lr, clip=settings.clip)
+            episode = draw_episode(unlabelled, sampler, batch_size=settings.batch_size, generator=g)
+            accumulate(params, settings.grad_accum, lambda: algorithm.step(pair, [episode]))  # noqa: B023
+        apply_groups(groups)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             loss = mlm_loss(student, held_out)
             curve.append({"step": step + 1, "samples": (step + 1) * settings.batch_size * settings.grad_accum,
@@ -223,5 +244,5 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
                 best = (loss, copy.deepcopy(student.state_dict()))
             if log_samples is not None:
                 samples.append({"step": step + 1, "samples": log_samples(step + 1)})
-    return {"best_state": best[1], "best_mlm_loss": best[0], "curve": curve, "h": hs, "skipped": skipped,
-            "steps": steps, "samples": samples}
+    return {"best_state": best[1], "best_mlm_loss": best[0], "curve": curve, "h": algorithm.h,
+            "skipped": algorithm.skipped, "steps": steps, "samples": samples}
