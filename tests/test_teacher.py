@@ -326,7 +326,7 @@ def _fingerprint(model) -> tuple[float, float, float]:
     return (math.fsum(values), math.fsum(v * v for v in values), math.fsum(i * v for i, v in enumerate(values)))
 
 
-def _pinned_run(method, **kwargs):
+def _pinned_run(method, samples=24, **kwargs):
     torch.manual_seed(0)
     size = ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2)  # dropout 0.1
     teacher, student = teacher_and_student(size, seed=0)
@@ -334,7 +334,7 @@ def _pinned_run(method, **kwargs):
     unlabelled = tm.unlabelled_sequences(16, noise=0.1, seed=0)
     held = obj.mask_tokens(unlabelled[:4], masking_scheme(), generator=torch.Generator().manual_seed(0))
     labelled = tm.labelled_set(8, noise=0.1, seed=1)
-    settings = PretrainSettings(method, samples=24, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2)
+    settings = PretrainSettings(method, samples=samples, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2)
     out = pretrain(settings, teacher, student, unlabelled, [(labelled.inputs, labelled.targets())], held, seed=0,
                    **kwargs)
     return teacher, student, out
@@ -376,6 +376,36 @@ def test_teacher_student_step_writes_grads_that_add_up(kind):
     for name, g in once.items():
         if g is not None:
             torch.testing.assert_close(twice[name], 2 * g, rtol=1e-12, atol=1e-15)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrain_killed_mid_run_resumes_bit_for_bit(method, tmp_path):
+    # 6 optimizer steps, checkpoints every 2; killed after step 5, so steps 5 is redone from step 4's
+    # checkpoint (the optimisers, schedules, the pre-training generator, dropout's RNG, the curve).
+    teacher, student, straight = _pinned_run(method, samples=48, run_dir=tmp_path / "straight", checkpoint_every=2)
+
+    def kill_at_5(done):
+        if done == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _pinned_run(method, samples=48, run_dir=tmp_path / "killed", checkpoint_every=2, on_step=kill_at_5)
+    torch.manual_seed(123)  # the resumed process's RNG is whatever it is: the checkpoint restores it
+    seen = []
+    t2, s2, resumed = _pinned_run(method, samples=48, run_dir=tmp_path / "killed", checkpoint_every=2, resume=True,
+                                  on_step=seen.append)
+    assert seen == [5, 6]  # it resumed from step 4's checkpoint, not from the start
+    for a, b in ((teacher, t2), (student, s2)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), name
+    assert resumed["curve"] == straight["curve"] and len(straight["curve"]) == 6
+    assert resumed["h"] == straight["h"] and resumed["skipped"] == straight["skipped"]
+    assert resumed["best_mlm_loss"] == straight["best_mlm_loss"]
+    assert all(torch.equal(resumed["best_state"][k], v) for k, v in straight["best_state"].items())
 
 
 # --- the study ------------------------------------------------------------------------------

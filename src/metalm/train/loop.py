@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task
+from metalm.contracts import Algorithm, Communicator, Episode, EpisodeSource, LocalCommunicator, Sampler, Task
 from metalm.data.batching import BatchStream, to_device
 from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     rng_state, save_checkpoint, set_rng_state)
@@ -101,7 +101,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
                before_step: Callable[[int], None] | None = None, skip_nonfinite: int = 0,
                comm: Communicator | None = None, groups: Sequence[OptimGroup] | None = None,
-               grad_accum: int = 1) -> LoopResult:
+               grad_accum: int = 1, source: EpisodeSource | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
@@ -114,6 +114,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         grad_accum: algorithm steps per optimiser step, each on freshly drawn episodes; the
             gradients of each are divided by ``grad_accum`` and added up (``groups.accumulate``), the
             step statistics averaged.
+        source: where episodes come from instead of ``tasks`` and their batch streams
+            (``contracts.EpisodeSource``; one process only, not with ``all_tasks``): ``next_episodes``
+            once per algorithm step; its state is checkpointed. The sampler is still updated, asked
+            for feedback and checkpointed, but not sampled by the loop.
         tasks_per_step: episodes per step (the meta-batch; 1 for plain multi-task training).
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
@@ -153,6 +157,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         raise ValueError("every optimiser group's parameters must be parameters of the model the loop trains")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+    if source is not None and (comm.world_size > 1 or all_tasks):
+        raise ValueError(f"{run_dir}: an episode source runs on one process and without all_tasks")
     first, more = groups[0], [(g.name, g.optimizer, g.scheduler) for g in groups[1:]]
     main = comm.rank == 0
     say = note if main else _silent
@@ -194,6 +200,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         elif comm.rank > 0:
             torch.manual_seed(_rank_seed(seed, comm.rank, start))
         sampler.load_state_dict(state["sampler"])
+        if source is not None:
+            source.load_state_dict(state["source"])
         for name, stream_state in state["streams"].items():
             streams[name].load_state_dict(stream_state)
     elif comm.rank > 0:
@@ -219,11 +227,15 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             zero_groups(groups)
             drawn, micro_stats = [], []
             for _ in range(grad_accum):
-                micro = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
-                    [_draw(sampler, algorithm) for _ in range(tasks_per_step)]
-                episodes = [_episode(names, tasks, streams, device, algorithm.cross_task_support, build=i in mine)
-                            for i, names in enumerate(micro)]
-                episodes = [e for e in episodes if e is not None]
+                if source is not None:
+                    episodes = source.next_episodes()
+                    micro = [[e.task] for e in episodes]
+                else:
+                    micro = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
+                        [_draw(sampler, algorithm) for _ in range(tasks_per_step)]
+                    episodes = [_episode(names, tasks, streams, device, algorithm.cross_task_support,
+                                         build=i in mine) for i, names in enumerate(micro)]
+                    episodes = [e for e in episodes if e is not None]
                 drawn += micro
                 with mixed():
                     if grad_accum == 1:
@@ -287,6 +299,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                              "machine": machine, "inputs": inputs, "skipped": result.skipped}
                     if ranks is not None:
                         extra["rng_ranks"] = ranks
+                    if source is not None:
+                        extra["source"] = source.state_dict()
                     save_checkpoint(run_dir, done, model=model, optimizer=first.optimizer, scheduler=first.scheduler,
                                     state=extra, more=more)
                 comm.barrier()  # no process runs ahead of a checkpoint that is still being written
