@@ -408,6 +408,23 @@ def test_pretrain_killed_mid_run_resumes_bit_for_bit(method, tmp_path):
     assert all(torch.equal(resumed["best_state"][k], v) for k, v in straight["best_state"].items())
 
 
+# finetune() at a tiny size (one epoch of 4 steps across the warmup), float64, dropout 0.1 seeded by
+# finetune itself; recorded from the code before it moved onto OptimGroup (commit d5da819, with
+# ``_apply``), printed with OMP_NUM_THREADS=1, as PINS above.
+FINETUNE_PIN = (-1.9101769069392116, 17.040891914547608, -6433.852955543558)
+
+
+def test_finetune_keeps_its_pinned_outcome_bit_for_bit():
+    from metalm.teacher.finetune import finetune
+
+    _, student = teacher_and_student(ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2), seed=0)
+    student = student.double()
+    out = finetune(student, tm.labelled_set(8, noise=0.1, seed=1), tm.labelled_set(8, noise=0.1, seed=2), epochs=1,
+                   batch_size=2, warmup=3, peak_lr=0.05)
+    assert out == {"val_accuracy": 0.5, "best_epoch": 1, "val_curve": [0.5]}
+    assert _fingerprint(student) == FINETUNE_PIN
+
+
 # --- the study ------------------------------------------------------------------------------
 
 def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):
