@@ -96,14 +96,6 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optim
     return build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _apply(model: nn.Module, optimizer, *, lr: float, clip: float) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def labelled_batch(tokens: Tensor, targets: Tensor) -> obj.Batch:
     keep = tokens != PAD
     return {"tokens": tokens, "keep": keep, "target": targets, "weight": keep.float()}
