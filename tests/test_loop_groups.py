@@ -58,8 +58,8 @@ def _constant(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _run(tmp_path, model, *, tasks, batch_size, steps=2, **kwargs):
-    sampler = CategoricalSampler({n: 1.0 for n in tasks}, seed=0)
+def _run(tmp_path, model, *, tasks, batch_size, steps=2, sampler=None, **kwargs):
+    sampler = sampler or CategoricalSampler({n: 1.0 for n in tasks}, seed=0)
     return train_loop(model=model, tasks=tasks, algorithm=build_algorithm("multitask"), sampler=sampler, steps=steps,
                       batch_size=batch_size, seed=0, run_dir=tmp_path, log_every=1, progress=False,
                       tensorboard=False, **kwargs)
@@ -172,3 +172,66 @@ def test_groups_and_a_single_optimizer_are_not_both_taken(tmp_path):
 def test_a_group_over_another_models_parameters_is_refused(tmp_path):
     with pytest.raises(ValueError, match="parameters of the model"):
         _run(tmp_path, _model(), tasks=_tasks(), batch_size=4, groups=_grouped(_model()))
+
+
+def test_a_checkpoint_resumes_only_with_the_groups_it_was_written_with(tmp_path):
+    from metalm.train.checkpoint import CheckpointError
+
+    model = _model()
+    _run(tmp_path, model, tasks=_tasks(), batch_size=4, groups=_grouped(model), checkpoint_every=1)
+    one = _model()
+    optimizer = torch.optim.SGD(one.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match=r"optimiser groups \['heads'\] besides the first, this run has \[\]"):
+        _run(tmp_path, one, tasks=_tasks(), batch_size=4, steps=3, optimizer=optimizer,
+             scheduler=_constant(optimizer), resume=True)
+
+
+class _Source:
+    """Episodes of task t from fixed rows, counted."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def next_episodes(self):
+        rows = list(range(4 * self.calls, 4 * self.calls + 4))
+        self.calls += 1
+        return [Episode(task="t", support=(), query=RowTask(2, seed=1).batch("train", rows))]
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_an_episode_source_feeds_every_micro_batch_and_is_checkpointed(tmp_path, monkeypatch):
+    import json
+
+    from_source, from_stream = _model(), _model()
+    source = _Source()
+    opt = torch.optim.SGD(from_source.parameters(), lr=0.5)
+    _run(tmp_path / "source", from_source, tasks={}, batch_size=4, steps=2, grad_accum=2, optimizer=opt,
+         scheduler=_constant(opt), clip_norm=None, source=source, checkpoint_every=2,
+         sampler=CategoricalSampler({"t": 1.0}, seed=0))  # updated, never sampled
+    assert source.calls == 4
+    state = json.loads((tmp_path / "source" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["source"] == {"calls": 4}
+
+    class InOrder:  # the same rows in the same order, through the loop's own streams
+        def __init__(self):
+            self.position = 0
+
+        def next_indices(self):
+            self.position += 4
+            return list(range(self.position - 4, self.position))
+
+    import metalm.train.loop as loop
+    monkeypatch.setattr(loop, "make_streams", lambda tasks, **kw: {n: InOrder() for n in tasks})
+    opt = torch.optim.SGD(from_stream.parameters(), lr=0.5)
+    _run(tmp_path / "stream", from_stream, tasks=_tasks(), batch_size=4, steps=2, grad_accum=2, optimizer=opt,
+         scheduler=_constant(opt), clip_norm=None)
+    for (name, a), b in zip(from_source.named_parameters(), from_stream.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="episode source"):
+        _run(tmp_path / "all", _model(), tasks=_tasks(), batch_size=4, optimizer=opt, scheduler=_constant(opt),
+             source=_Source(), all_tasks=True)
