@@ -225,6 +225,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             if before_step is not None:
                 before_step(step)
             zero_groups(groups)
+            model.zero_grad(set_to_none=True)  # parameters outside every group too: nothing carries over
             drawn, micro_stats = [], []
             for _ in range(grad_accum):
                 if source is not None:
