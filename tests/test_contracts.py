@@ -40,6 +40,25 @@ def test_every_sampler_kind_satisfies_the_protocol(kind):
         assert all(sampler.request(done) == NO_FEEDBACK for done in range(5))
 
 
+def test_shens_pretraining_parts_satisfy_the_protocols():
+    from metalm.contracts import EpisodeSource
+    from metalm.teacher.algorithm import TeacherStudentStep
+    from metalm.teacher.pretrain import PretrainEpisodes, TaskChoice, masking_scheme
+
+    g = torch.Generator().manual_seed(0)
+    algorithm = TeacherStudentStep("hard", masking_scheme(), g)
+    assert isinstance(algorithm, Algorithm) and algorithm.support_steps("task0") == 1
+    choice = TaskChoice(2, mlm_task=True, generator=g)
+    assert isinstance(choice, Sampler) and choice.sample() in choice.names and choice.history is None
+    assert all(choice.request(done) == NO_FEEDBACK for done in range(3))
+    state = choice.state_dict()
+    drawn = [choice.sample() for _ in range(5)]
+    choice.load_state_dict(state)  # the generator's state round-trips through JSON-able text
+    assert [choice.sample() for _ in range(5)] == drawn
+    source = PretrainEpisodes(torch.ones(4, 3, dtype=torch.long), None, batch_size=2, generator=g)
+    assert isinstance(source, EpisodeSource) and len(source.next_episodes()) == 1
+
+
 def test_feedback_requests_combine():
     small = FeedbackRequest(validation=True, validation_batch_size=8)
     large = FeedbackRequest(validation=True, validation_batch_size=64)

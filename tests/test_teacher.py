@@ -287,6 +287,144 @@ def test_every_method_pretrains_with_finite_losses(method):
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
 
 
+# Pins of pretrain() at a tiny size: 3 optimizer steps of 2 micro-batches (batch 4, 2 examples per
+# task, warmup 2), float64, dropout 0.1 from torch.manual_seed(0). Recorded from the code before
+# Shen's step moved onto the shared optimiser groups (commit d2e65bd, the own loop with ``_apply``),
+# by printing ``_pinned_run(method)`` with OMP_NUM_THREADS=1. Each model gives (sum, sum of squares,
+# index-weighted sum) of all its parameter values, taken with math.fsum in parameter order; the curve
+# gives the held-out MLM loss after each step; ``h`` the hard-label feedback of every micro-batch.
+# The mlm baseline never trains the teacher, so its teacher numbers are the initial weights'.
+PINS = {
+    'mlm': {"student": (11.484914279920654, 12.317589265218365, 5661.051897366394),
+            "teacher": (11.871893777533842, 12.447551053443657, 5956.767921214283),
+            "mlm_loss": [4.276675258465564, 4.272002288665043, 4.270712910095405],
+            "h": []},
+    'hard': {"student": (11.359301931739376, 12.292382992834463, 5715.217487705847),
+             "teacher": (11.784813707961344, 12.460386867883551, 5803.949423111733),
+             "mlm_loss": [4.275020010760305, 4.2734777998441205, 4.272686781722932],
+             "h": [-0.010060694664356159, 0.0424871613776347, -0.003175745968058235, 0.04110720510000989,
+                   0.07124368742437354, -0.03300245798904479]},
+    'soft': {"student": (11.662171060267891, 12.200796886733293, 5771.942250003648),
+             "teacher": (11.774447155978194, 12.498888770378732, 5887.847764120924),
+             "mlm_loss": [4.281122272010399, 4.277825458052737, 4.276942650865723],
+             "h": []},
+    'soft_fixed_y': {"student": (11.22870624654045, 12.362880081719652, 5643.235838497325),
+                     "teacher": (11.611721122059048, 12.488505826037514, 5745.131460721212),
+                     "mlm_loss": [4.275734377536262, 4.271330097629528, 4.269610780980579],
+                     "h": []},
+    'hard_fixed_y': {"student": (11.495441165375022, 12.317936182588898, 5775.06631789727),
+                     "teacher": (11.644224164761006, 12.462426914132731, 5733.689283573071),
+                     "mlm_loss": [4.276840825061761, 4.273620158126877, 4.272145898605164],
+                     "h": [-0.026744689558386162, -0.06708764396711053, -0.0406943417688873, -0.03588719222422593,
+                           -0.002460661713194959, -0.005789390103102875]},
+}
+
+
+def _fingerprint(model) -> tuple[float, float, float]:
+    import math
+    values = [v for p in model.parameters() for v in p.detach().flatten().tolist()]
+    return (math.fsum(values), math.fsum(v * v for v in values), math.fsum(i * v for i, v in enumerate(values)))
+
+
+def _pinned_run(method, samples=24, **kwargs):
+    torch.manual_seed(0)
+    size = ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2)  # dropout 0.1
+    teacher, student = teacher_and_student(size, seed=0)
+    teacher, student = teacher.double(), student.double()
+    unlabelled = tm.unlabelled_sequences(16, noise=0.1, seed=0)
+    held = obj.mask_tokens(unlabelled[:4], masking_scheme(), generator=torch.Generator().manual_seed(0))
+    labelled = tm.labelled_set(8, noise=0.1, seed=1)
+    settings = PretrainSettings(method, samples=samples, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2)
+    out = pretrain(settings, teacher, student, unlabelled, [(labelled.inputs, labelled.targets())], held, seed=0,
+                   **kwargs)
+    return teacher, student, out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrain_keeps_its_pinned_outcome_bit_for_bit(method):
+    teacher, student, out = _pinned_run(method)
+    pin = PINS[method]
+    assert out["steps"] == 3
+    assert _fingerprint(student) == pin["student"]
+    assert _fingerprint(teacher) == pin["teacher"]
+    assert [c["mlm_loss"] for c in out["curve"]] == pin["mlm_loss"]
+    assert out["h"] == pin["h"]
+
+
+@pytest.mark.parametrize("kind", ["mlm", "hard", "soft"])
+def test_teacher_student_step_writes_grads_that_add_up(kind):
+    from metalm.contracts import Episode
+    from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unlabelled_batch
+
+    teacher, student = _tiny()
+    pair = TeacherAndStudent(teacher, student)
+    x_u, _, support, query = _batches()
+    episode = Episode(task="t", support=(unlabelled_batch(x_u), support), query=query)
+
+    def grads(calls):
+        pair.zero_grad(set_to_none=True)
+        algorithm = TeacherStudentStep(kind, masking_scheme(), torch.Generator().manual_seed(0), meta_weight=1.0)
+        for _ in range(calls):
+            algorithm.generator.manual_seed(0)  # the same draws each call
+            stats = algorithm.step(pair, [episode])
+            assert np.isfinite(stats["loss"])
+        return {n: None if p.grad is None else p.grad.clone() for n, p in pair.named_parameters()}
+
+    once, twice = grads(1), grads(2)
+    assert any(g is not None for n, g in once.items() if n.startswith("student."))
+    assert any(g is not None for n, g in once.items() if n.startswith("teacher.")) == (kind != "mlm")
+    for name, g in once.items():
+        if g is not None:
+            torch.testing.assert_close(twice[name], 2 * g, rtol=1e-12, atol=1e-15)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrain_killed_mid_run_resumes_bit_for_bit(method, tmp_path):
+    # 6 optimizer steps, checkpoints every 2; killed after step 5, so steps 5 is redone from step 4's
+    # checkpoint (the optimisers, schedules, the pre-training generator, dropout's RNG, the curve).
+    teacher, student, straight = _pinned_run(method, samples=48, run_dir=tmp_path / "straight", checkpoint_every=2)
+
+    def kill_at_5(done):
+        if done == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _pinned_run(method, samples=48, run_dir=tmp_path / "killed", checkpoint_every=2, on_step=kill_at_5)
+    torch.manual_seed(123)  # the resumed process's RNG is whatever it is: the checkpoint restores it
+    seen = []
+    t2, s2, resumed = _pinned_run(method, samples=48, run_dir=tmp_path / "killed", checkpoint_every=2, resume=True,
+                                  on_step=seen.append)
+    assert seen == [5, 6]  # it resumed from step 4's checkpoint, not from the start
+    for a, b in ((teacher, t2), (student, s2)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), name
+    assert resumed["curve"] == straight["curve"] and len(straight["curve"]) == 6
+    assert resumed["h"] == straight["h"] and resumed["skipped"] == straight["skipped"]
+    assert resumed["best_mlm_loss"] == straight["best_mlm_loss"]
+    assert all(torch.equal(resumed["best_state"][k], v) for k, v in straight["best_state"].items())
+
+
+# finetune() at a tiny size (one epoch of 4 steps across the warmup), float64, dropout 0.1 seeded by
+# finetune itself; recorded from the code before it moved onto OptimGroup (commit d5da819, with
+# ``_apply``), printed with OMP_NUM_THREADS=1, as PINS above.
+FINETUNE_PIN = (-1.9101769069392116, 17.040891914547608, -6433.852955543558)
+
+
+def test_finetune_keeps_its_pinned_outcome_bit_for_bit():
+    from metalm.teacher.finetune import finetune
+
+    _, student = teacher_and_student(ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2), seed=0)
+    student = student.double()
+    out = finetune(student, tm.labelled_set(8, noise=0.1, seed=1), tm.labelled_set(8, noise=0.1, seed=2), epochs=1,
+                   batch_size=2, warmup=3, peak_lr=0.05)
+    assert out == {"val_accuracy": 0.5, "best_epoch": 1, "val_curve": [0.5]}
+    assert _fingerprint(student) == FINETUNE_PIN
+
+
 # --- the study ------------------------------------------------------------------------------
 
 def test_twomoons_quick_study_end_to_end_and_resumes(tmp_path, capsys):

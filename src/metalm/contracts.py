@@ -12,6 +12,8 @@ implementation must provide:
 - ``Sampler``: picks each episode's task and learns from ``Feedback``; it says through
   ``request`` which feedback it needs, and the loop computes only that
   (``metalm.learn.samplers``, ``metalm.learn.objective_samplers``).
+- ``EpisodeSource``: episodes the loop takes as they come instead of building them from tasks and
+  batch streams (``metalm.teacher.pretrain``).
 - ``InnerOptimizer``: a differentiable update of the inner loop (``metalm.learn.inner_optim``);
   plain SGD is the ``None`` optimiser, handled by the inner loop itself.
 - ``Communicator``: what the loop exchanges between processes — the outer gradients after the
@@ -162,6 +164,17 @@ class Sampler(Protocol):
     def load_state_dict(self, state: Mapping) -> None: ...
 
 
+@runtime_checkable
+class EpisodeSource(Protocol):
+    """Episodes made outside the loop's tasks and batch streams (Shen's teacher-student batches:
+    unlabelled rows and labelled tasks drawn together); the loop calls ``next_episodes`` once per
+    algorithm step and keeps ``state_dict`` in its checkpoints."""
+
+    def next_episodes(self) -> list[Episode]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
 class InnerOptimizer(Protocol):
     """A differentiable inner-loop update: moments as parameter dicts threaded through the steps."""
 
@@ -232,5 +245,5 @@ class LocalCommunicator:
         return None
 
 
-__all__ = ["Algorithm", "Batch", "Communicator", "Episode", "Feedback", "FeedbackRequest", "InnerOptimizer",
+__all__ = ["Algorithm", "Batch", "Communicator", "Episode", "EpisodeSource", "Feedback", "FeedbackRequest", "InnerOptimizer",
            "LocalCommunicator", "NO_FEEDBACK", "Params", "Sampler", "StepStats", "Task"]

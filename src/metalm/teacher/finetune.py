@@ -12,7 +12,8 @@ from metalm.learn.functional import trainable_params
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
 from metalm.teacher.model import Encoder
-from metalm.teacher.pretrain import PAD, _apply, adamw, inverse_sqrt, labelled_batch
+from metalm.teacher.pretrain import PAD, adamw, labelled_batch, schedule
+from metalm.train.groups import OptimGroup, apply_groups
 
 # Table 6: the batch size grows with the labelled set (10, 20, 40, 80, 160 -> 1, 2, 4, 8, 16).
 FINETUNE_BATCH = {10: 1, 20: 2, 40: 4, 80: 8, 160: 16}
@@ -77,9 +78,11 @@ def finetune(student: Encoder, train: Labelled, val: Labelled, *, epochs: int = 
     targets = train.targets()
     params = trainable_params(student)
     loss_fn = obj.student_loss_fn(student)
-    optimizer = adamw(student, peak_lr, weight_decay)
+    optimizer = adamw(student, 1.0, weight_decay)  # lr 1: the schedule's factor is the learning rate
+    group = OptimGroup("student", tuple(student.parameters()), optimizer,
+                       schedule(optimizer, peak_lr=peak_lr, warmup=warmup), clip)
     best = (-1.0, 0, copy.deepcopy(student.state_dict()))
-    curve, step = [], 0
+    curve = []
     student.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=g)
@@ -87,8 +90,7 @@ def finetune(student: Encoder, train: Labelled, val: Labelled, *, epochs: int = 
             idx = order[start:start + batch_size]
             loss = loss_fn(params, labelled_batch(train.inputs[idx], targets[idx]))
             loss.backward()
-            _apply(student, optimizer, lr=inverse_sqrt(step, peak_lr=peak_lr, warmup=warmup), clip=clip)
-            step += 1
+            apply_groups([group])
         score = accuracy(student, val)
         curve.append(score)
         if score > best[0]:

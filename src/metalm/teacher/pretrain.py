@@ -1,26 +1,37 @@
 """One run of the Two Moons study: pre-train a student (MLM or a teacher's pseudo data), fine-tune it
 on a labelled set, score it (Shen, §4.1-4.2, Tables 5-6).
 
-The training step is one loop for every method: the objective functions of ``objective.py``
-produce gradients, this file accumulates them (``grad_accum`` micro-batches), clips them and
-applies AdamW with the inverse-square-root schedule of §4.1.
+The training step is one algorithm for every method (``algorithm.TeacherStudentStep``: the objective
+functions of ``objective.py`` write the gradients); the student and the teacher are two optimiser
+groups (``metalm.train.groups``: AdamW with the inverse-square-root schedule of §4.1, each clipped
+by its own norm), and ``grad_accum`` micro-batches add up before each step.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from metalm.learn.functional import accumulate_grads, trainable_params
+from metalm.contracts import NO_FEEDBACK, Episode, FeedbackRequest
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
+from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unlabelled_batch
 from metalm.teacher.model import Encoder
 from metalm.config import ConfigError
+from metalm.files import write_text_atomic
+from metalm.train.checkpoint import latest_checkpoint
+from metalm.train.groups import OptimGroup
+from metalm.train.loop import train_loop
 from metalm.train.optim import build_optimizer
 
 METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
@@ -85,14 +96,6 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optim
     return build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _apply(model: nn.Module, optimizer, *, lr: float, clip: float) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def labelled_batch(tokens: Tensor, targets: Tensor) -> obj.Batch:
     keep = tokens != PAD
     return {"tokens": tokens, "keep": keep, "target": targets, "weight": keep.float()}
@@ -108,19 +111,54 @@ def _pad_cat(batches: list[obj.Batch]) -> obj.Batch:
     return out
 
 
+class TaskChoice:
+    """Shen's task distribution as a ``contracts.Sampler`` (§4.1): a labelled task uniformly, or
+    with ``mlm_task`` (soft labels) the MLM task on unlabelled data with probability ½.
+
+    Its generator is the one every draw of the pre-training reads (rows, masks, pseudo tokens), so
+    its state is the whole run's data randomness; ``state_dict`` keeps it.
+
+    Args:
+        tasks: how many labelled tasks (named ``task0``, ``task1``, ...).
+    """
+
+    history = None
+
+    def __init__(self, tasks: int, *, mlm_task: bool, generator: torch.Generator):
+        self.count, self.mlm_task, self.g = tasks, mlm_task, generator
+        self.names = tuple(f"task{i}" for i in range(tasks)) + (("mlm",) if mlm_task else ())
+
+    def sample(self) -> str:
+        if self.mlm_task and bool(torch.rand((), generator=self.g) < 0.5):
+            return "mlm"
+        return f"task{int(torch.randint(self.count, (), generator=self.g))}"
+
+    def request(self, done: int) -> FeedbackRequest:
+        return NO_FEEDBACK
+
+    def update(self, feedback) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"generator": base64.b64encode(self.g.get_state().numpy().tobytes()).decode("ascii")}
+
+    def load_state_dict(self, state) -> None:
+        raw = bytearray(base64.b64decode(state["generator"]))
+        self.g.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+
+
 class TaskSampler:
-    """Support and query batches from the same task (§4.1): a labelled task drawn uniformly, or
-    (``mlm_task``, soft labels) the MLM task on unlabelled data with probability ½, with
-    ``samples_per_task`` examples per draw.
+    """Support and query batches from the same task (§4.1), ``samples_per_task`` examples per draw,
+    ``batch_size // samples_per_task`` draws per batch; each draw's task comes from ``choice``.
 
     Args:
         tasks: per labelled task, (inputs (n, T) ids, targets (n, T) ids).
     """
 
     def __init__(self, tasks: list[tuple[Tensor, Tensor]], unlabelled: Tensor, scheme: obj.MaskingScheme, *,
-                 mlm_task: bool, batch_size: int, samples_per_task: int, generator: torch.Generator):
-        self.tasks, self.unlabelled, self.scheme = tasks, unlabelled, scheme
-        self.mlm_task, self.batch_size, self.per_task, self.g = mlm_task, batch_size, samples_per_task, generator
+                 choice: TaskChoice, batch_size: int, samples_per_task: int, generator: torch.Generator):
+        self.tasks, self.unlabelled, self.scheme, self.choice = tasks, unlabelled, scheme, choice
+        self.batch_size, self.per_task, self.g = batch_size, samples_per_task, generator
 
     def _draw(self, task: int | None) -> obj.Batch:
         if task is None:
@@ -133,11 +171,29 @@ class TaskSampler:
     def __call__(self) -> tuple[obj.Batch, obj.Batch]:
         support, query = [], []
         for _ in range(self.batch_size // self.per_task):
-            use_mlm = self.mlm_task and bool(torch.rand((), generator=self.g) < 0.5)
-            task = None if use_mlm else int(torch.randint(len(self.tasks), (), generator=self.g))
+            name = self.choice.sample()
+            task = None if name == "mlm" else int(name[len("task"):])
             support.append(self._draw(task))
             query.append(self._draw(task))
         return _pad_cat(support), _pad_cat(query)
+
+
+class PretrainEpisodes:
+    """The pre-training's ``contracts.EpisodeSource``: one episode per algorithm step (``draw_episode``).
+    Its draws read the generator ``TaskChoice`` keeps, so it has no state of its own."""
+
+    def __init__(self, unlabelled: Tensor, batches: TaskSampler | None, *, batch_size: int,
+                 generator: torch.Generator):
+        self.unlabelled, self.batches, self.batch_size, self.g = unlabelled, batches, batch_size, generator
+
+    def next_episodes(self) -> list[Episode]:
+        return [draw_episode(self.unlabelled, self.batches, batch_size=self.batch_size, generator=self.g)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        return None
 
 
 def masking_scheme() -> obj.MaskingScheme:
@@ -154,10 +210,58 @@ def mlm_loss(student: Encoder, held_out: obj.Batch) -> float:
     return float(obj.sequence_ce(logits, held_out["target"], held_out["weight"]))
 
 
+def schedule(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``inverse_sqrt`` as a LambdaLR. The optimiser must be built with lr 1, so the factor is the
+    learning rate itself (1 × lr, exactly)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: inverse_sqrt(step, peak_lr=peak_lr, warmup=warmup))
+
+
+def optim_groups(settings: PretrainSettings, teacher: Encoder, student: Encoder) -> list[OptimGroup]:
+    """The student's group (AdamW + inverse-sqrt schedule, clipped at ``clip``), then the teacher's
+    alike for the meta methods (the MLM baseline trains the student only)."""
+    groups = []
+    for name, model in (("student", student), ("teacher", teacher)):
+        if name == "teacher" and settings.method == "mlm":
+            continue
+        optimizer = adamw(model, 1.0, 0.01)
+        groups.append(OptimGroup(name, tuple(model.parameters()), optimizer,
+                                 schedule(optimizer, peak_lr=settings.peak_lr, warmup=settings.warmup),
+                                 settings.clip))
+    return groups
+
+
+def step_algorithm(settings: PretrainSettings, scheme: obj.MaskingScheme, generator: torch.Generator,
+                   student_optimizer: torch.optim.Optimizer) -> TeacherStudentStep:
+    """The algorithm of ``settings.method`` (its h reads ``student_optimizer`` when ``h_update`` is
+    ``optimizer``)."""
+    kind = "mlm" if settings.method == "mlm" else ("soft" if settings.soft else "hard")
+    uses_optimizer = kind == "hard" and settings.h_update == "optimizer"
+    return TeacherStudentStep(kind, scheme, generator, fixed_y=settings.fixed_y, inner_lr=settings.inner_lr,
+                              meta_weight=settings.weight, h_form=settings.h_form,
+                              student_optimizer=student_optimizer if uses_optimizer else None)
+
+
+def draw_episode(unlabelled: Tensor, sampler: TaskSampler | None, *, batch_size: int,
+                 generator: torch.Generator) -> Episode:
+    """One micro-batch: ``batch_size`` unlabelled rows drawn with replacement, then (meta methods,
+    ``sampler`` given) a support and a query batch (``TaskSampler``)."""
+    idx = torch.randint(len(unlabelled), (batch_size,), generator=generator)
+    x_u = unlabelled_batch(unlabelled[idx], PAD)
+    if sampler is None:
+        return Episode(task="mlm", support=(x_u,), query=x_u)
+    support, query = sampler()
+    return Episode(task="shen", support=(x_u, support), query=query)
+
+
 def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unlabelled: Tensor,
              tasks: list[tuple[Tensor, Tensor]], held_out: obj.Batch, *, seed: int,
-             scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None) -> dict:
-    """Pre-trains ``student`` in place (and ``teacher`` for the meta methods).
+             scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None,
+             run_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+             on_step: Callable[[int], None] | None = None) -> dict:
+    """Pre-trains ``student`` in place (and ``teacher`` for the meta methods) with the shared
+    training loop: ``TeacherStudentStep`` as the algorithm, the student's and the teacher's
+    optimiser groups, ``grad_accum`` micro-batches per step, the episodes from ``PretrainEpisodes``.
 
     Args:
         unlabelled: (N, T) ids of x_u; padding is id 0.
@@ -165,63 +269,95 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
         held_out: a fixed MLM batch for the student's MLM loss.
         scheme: masking (default: the Two Moons vocabulary's).
         log_samples: called with the step at each evaluation; what it returns goes to ``samples``.
+        run_dir: the loop's folder (log, checkpoints, and this function's record of the curve so
+            far beside each checkpoint); None: a temporary folder, removed afterwards.
+        checkpoint_every, resume, on_step: as ``train_loop``'s (a resume continues bit for bit,
+            with the curve, h and best state recorded up to the checkpoint it resumes from).
 
     Returns:
         ``{"best_state": student state at the lowest held-out MLM loss, "curve": [...], "h": [...],
         "samples": [...]}``.
     """
+    if run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="pretrain-") as tmp:
+            return pretrain(settings, teacher, student, unlabelled, tasks, held_out, seed=seed, scheme=scheme,
+                            log_samples=log_samples, run_dir=tmp, checkpoint_every=checkpoint_every,
+                            resume=False, on_step=on_step)
+    run_dir = Path(run_dir)
     g = torch.Generator().manual_seed(seed)
     scheme = scheme or masking_scheme()
-    sampler = TaskSampler(tasks, unlabelled, scheme, mlm_task=settings.mlm_task, batch_size=settings.batch_size,
-                          samples_per_task=settings.samples_per_task, generator=g)
-    s_opt = adamw(student, settings.peak_lr, 0.01)
-    t_opt = adamw(teacher, settings.peak_lr, 0.01) if settings.method != "mlm" else None
-    s_params, t_params = trainable_params(student), trainable_params(teacher)
+    choice = TaskChoice(len(tasks), mlm_task=settings.mlm_task and settings.method != "mlm", generator=g)
+    batches = None
+    if settings.method != "mlm":
+        batches = TaskSampler(tasks, unlabelled, scheme, choice=choice, batch_size=settings.batch_size,
+                              samples_per_task=settings.samples_per_task, generator=g)
+    pair = TeacherAndStudent(teacher, student)
+    groups = optim_groups(settings, teacher, student)
+    algorithm = step_algorithm(settings, scheme, g, groups[0].optimizer)
     steps = max(1, settings.samples // (settings.batch_size * settings.grad_accum))
     eval_every = max(1, steps // settings.evals)
-    best = (mlm_loss(student, held_out), copy.deepcopy(student.state_dict()))
-    curve, hs, skipped, samples = [], [], 0, []
-    for step in range(steps):
-        for _ in range(settings.grad_accum):
-            idx = torch.randint(len(unlabelled), (settings.batch_size,), generator=g)
-            x_u = unlabelled[idx]  # (B, T)
-            keep = x_u != PAD
-            if settings.method == "mlm":
-                out = obj.mlm_step(student, s_params, x_u, scheme, generator=g)
-            else:
-                support, query = sampler()
-                kwargs = dict(inner_lr=settings.inner_lr, meta_weight=settings.weight, fixed_y=settings.fixed_y)
-                if settings.soft:
-                    out = obj.soft_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, **kwargs)
-                else:
-                    pre_update = None
-                    if settings.h_update == "optimizer":
-                        lr_now = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
-                        for group in s_opt.param_groups:  # the lr the coming step will use
-                            group["lr"] = lr_now
-                        pre_update = lambda grads: obj.adamw_update(s_params, grads, s_opt)  # noqa: E731
-                    out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query,
-                                              h_form=settings.h_form, generator=g, pre_update=pre_update,
-                                              **kwargs)
-                    hs.append(out.stats["h"])
-                    skipped += out.teacher_grads is None
-                aux = obj.teacher_aux_loss(teacher, t_params, x_u, keep, obj.mask_tokens(x_u, scheme, generator=g))
-                aux_grads = torch.autograd.grad(aux, list(t_params.values()))
-                meta = out.teacher_grads or {}
-                accumulate_grads(t_params, {n: (a + meta[n] if n in meta else a) / settings.grad_accum
-                                            for n, a in zip(t_params, aux_grads)})
-            accumulate_grads(s_params, {n: v / settings.grad_accum for n, v in out.student_grads.items()})
-        lr = inverse_sqrt(step, peak_lr=settings.peak_lr, warmup=settings.warmup)
-        _apply(student, s_opt, lr=lr, clip=settings.clip)
-        if t_opt is not None:
-            _apply(teacher, t_opt, lr=lr, clip=settings.clip)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+    record = {"curve": [], "samples": [], "h": algorithm.h, "best_mlm_loss": mlm_loss(student, held_out)}
+    best_state = copy.deepcopy(student.state_dict())
+    start = _resumed_step(run_dir) if resume else 0
+    if start:
+        record, best_state = _read_record(run_dir, start, student)
+        algorithm.h[:] = record["h"]
+        algorithm.skipped = record["skipped"]
+        record["h"] = algorithm.h
+
+    def after(done: int) -> None:
+        nonlocal best_state
+        if done % eval_every == 0 or done == steps:
             loss = mlm_loss(student, held_out)
-            curve.append({"step": step + 1, "samples": (step + 1) * settings.batch_size * settings.grad_accum,
-                          "mlm_loss": loss})
-            if loss < best[0]:
-                best = (loss, copy.deepcopy(student.state_dict()))
+            record["curve"].append({"step": done, "samples": done * settings.batch_size * settings.grad_accum,
+                                    "mlm_loss": loss})
+            if loss < record["best_mlm_loss"]:
+                record["best_mlm_loss"], best_state = loss, copy.deepcopy(student.state_dict())
             if log_samples is not None:
-                samples.append({"step": step + 1, "samples": log_samples(step + 1)})
-    return {"best_state": best[1], "best_mlm_loss": best[0], "curve": curve, "h": hs, "skipped": skipped,
-            "steps": steps, "samples": samples}
+                record["samples"].append({"step": done, "samples": log_samples(done)})
+        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+            _write_record(run_dir, done, {**record, "skipped": algorithm.skipped}, best_state)
+        if on_step is not None:
+            on_step(done)
+
+    train_loop(model=pair, tasks={}, algorithm=algorithm, sampler=choice, groups=groups, steps=steps,
+               batch_size=settings.batch_size, seed=seed, run_dir=run_dir, grad_accum=settings.grad_accum,
+               source=PretrainEpisodes(unlabelled, batches, batch_size=settings.batch_size, generator=g),
+               log_every=1, checkpoint_every=checkpoint_every, resume=resume, progress=False, tensorboard=False,
+               on_step=after)
+    return {"best_state": best_state, "best_mlm_loss": record["best_mlm_loss"], "curve": record["curve"],
+            "h": algorithm.h, "skipped": algorithm.skipped, "steps": steps, "samples": record["samples"]}
+
+
+RECORD = "pretrain-record"
+
+
+def _resumed_step(run_dir: Path) -> int:
+    """The step the loop will resume ``run_dir`` from (0: none), read as the loop reads it."""
+    folder = latest_checkpoint(run_dir)
+    return 0 if folder is None else int(json.loads((folder / "state.json").read_text())["step"])
+
+
+def _write_record(run_dir: Path, step: int, record: dict, best_state: dict) -> None:
+    """The curve, h, samples and best student state after ``step`` (beside that step's checkpoint;
+    the two newest kept, as the checkpoints are)."""
+    root = run_dir / RECORD
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in best_state.items()}, str(root / f"best-{step:07d}.safetensors"))
+    write_text_atomic(root / f"record-{step:07d}.json", json.dumps(record))
+    kept = sorted(root.glob("record-*.json"))[:-2]
+    for old in kept:
+        old.unlink()
+        (root / old.name.replace("record-", "best-").replace(".json", ".safetensors")).unlink(missing_ok=True)
+
+
+def _read_record(run_dir: Path, step: int, student: Encoder) -> tuple[dict, dict]:
+    root = run_dir / RECORD
+    path = root / f"record-{step:07d}.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the pre-training's curve at the step it resumes from ({step}) "
+                          "was not recorded; start afresh")
+    record = json.loads(path.read_text())
+    best = load_file(str(root / f"best-{step:07d}.safetensors"))
+    like = student.state_dict()
+    return record, {k: best[k].to(like[k].dtype) for k in like}

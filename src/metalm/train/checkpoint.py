@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -83,9 +83,17 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _scheduler_state(scheduler) -> dict:
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, state: dict, keep: int = 2) -> Path:
-    """Writes checkpoint ``step`` under ``run_dir/checkpoints`` and points ``latest`` at it."""
+                    scheduler, state: dict, keep: int = 2, more: Sequence[tuple[str, Any, Any]] = ()) -> Path:
+    """Writes checkpoint ``step`` under ``run_dir/checkpoints`` and points ``latest`` at it.
+
+    ``more``: (name, optimizer, scheduler) of further optimiser groups; their tensors go into
+    ``optimizer.safetensors`` under ``<name>/``, their JSON state under ``groups`` (the first
+    group keeps the one-optimiser layout)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -93,9 +101,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     try:
         save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+        full = {"step": step, "optimizer": opt_meta, "scheduler": _scheduler_state(scheduler), "rng": rng_state(),
+                **state}
+        if more:
+            full["groups"] = {}
+            for name, other, other_scheduler in more:
+                tensors, meta = _split_optimizer(other.state_dict())
+                opt_tensors.update({f"{name}/{k}": v for k, v in tensors.items()})
+                full["groups"][name] = {"optimizer": meta, "scheduler": _scheduler_state(other_scheduler)}
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        full = {"step": step, "optimizer": opt_meta, "scheduler": sched, "rng": rng_state(), **state}
         (tmp / "state.json").write_text(json.dumps(full))
         (tmp / MANIFEST).write_text(json.dumps({name: _describe(tmp / name) for name in FILES}, indent=1))
         if final.exists():
@@ -190,8 +204,9 @@ def latest_checkpoint(run_dir: str | Path, *, warn=None) -> Path | None:
 
 
 def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> dict:
-    """Restores model, optimiser, scheduler and RNG states; returns the JSON state."""
+                    scheduler, more: Sequence[tuple[str, Any, Any]] = ()) -> dict:
+    """Restores model, optimiser, scheduler and RNG states (and those of the further groups
+    ``more``, as ``save_checkpoint`` wrote them); returns the JSON state."""
     folder = Path(folder)
     try:
         state = json.loads((folder / "state.json").read_text())
@@ -200,7 +215,18 @@ def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, optimizer: to
     device = next(model.parameters()).device
     load_model(model, str(folder / "model.safetensors"), strict=True, device=str(device))
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer.load_state_dict(_join_optimizer(opt_tensors, state["optimizer"]))
+    saved = state.get("groups", {})
+    wanted = [name for name, _, _ in more]
+    if sorted(saved) != sorted(wanted):
+        raise CheckpointError(f"{folder}: the checkpoint has optimiser groups {sorted(saved)} besides the first, "
+                              f"this run has {sorted(wanted)}")
+    own = {k: v for k, v in opt_tensors.items() if "/" not in k}
+    optimizer.load_state_dict(_join_optimizer(own, state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    for name, other, other_scheduler in more:
+        prefix = f"{name}/"
+        tensors = {k[len(prefix):]: v for k, v in opt_tensors.items() if k.startswith(prefix)}
+        other.load_state_dict(_join_optimizer(tensors, saved[name]["optimizer"]))
+        other_scheduler.load_state_dict({**other_scheduler.state_dict(), **saved[name]["scheduler"]})
     set_rng_state(state["rng"])
     return state

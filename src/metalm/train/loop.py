@@ -12,18 +12,20 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from metalm.contracts import Algorithm, Communicator, Episode, LocalCommunicator, Sampler, Task
+from metalm.contracts import Algorithm, Communicator, Episode, EpisodeSource, LocalCommunicator, Sampler, Task
 from metalm.data.batching import BatchStream, to_device
 from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     rng_state, save_checkpoint, set_rng_state)
 from metalm.train.distributed import share
 from metalm.train.evaluate import evaluate
 from metalm.train.feedback import encoder_grad_norm, validation_losses
+from metalm.train.groups import OptimGroup, accumulate, single_group, step_groups, zero_groups
+from metalm.train.groups import clip_norm as clip_grads
 from metalm.train.logging import RunLogger
 from metalm.train.precision import autocast, check_precision
 from metalm.train.progress import Progress, note
@@ -88,7 +90,8 @@ def _what_changed(then: Mapping | None, now: Mapping | None) -> str:
 
 
 def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: Algorithm, sampler: Sampler,
-               optimizer: torch.optim.Optimizer, scheduler, steps: int, batch_size: int | Mapping[str, int],
+               optimizer: torch.optim.Optimizer | None = None, scheduler=None, steps: int,
+               batch_size: int | Mapping[str, int],
                seed: int, run_dir: str | Path, tasks_per_step: int = 1, clip_norm: float | None = 1.0,
                log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
                eval_tasks: Mapping[str, tuple[str, ...]] | None = None, resume: bool = False,
@@ -97,10 +100,24 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                group_by_length: bool = False, evaluator: Callable[..., dict] = evaluate,
                stop: Callable[[list[dict]], bool] | None = None, all_tasks: bool = False,
                before_step: Callable[[int], None] | None = None, skip_nonfinite: int = 0,
-               comm: Communicator | None = None) -> LoopResult:
+               comm: Communicator | None = None, groups: Sequence[OptimGroup] | None = None,
+               grad_accum: int = 1, source: EpisodeSource | None = None) -> LoopResult:
     """Runs ``steps`` optimiser steps (from a checkpoint when ``resume`` and one exists).
 
     Args:
+        optimizer, scheduler, clip_norm: one optimiser group over the whole model (when ``groups``
+            is None).
+        groups: the optimiser groups (``metalm.train.groups``): each clipped by its own norm, then
+            each optimiser and scheduler stepped, in order. The first group's learning rate is the
+            logged ``lr`` and its norm the logged ``grad_norm`` when there is one group; with several,
+            ``lr/<name>`` and ``grad_norm/<name>`` each, ``grad_norm`` their combined norm.
+        grad_accum: algorithm steps per optimiser step, each on freshly drawn episodes; the
+            gradients of each are divided by ``grad_accum`` and added up (``groups.accumulate``), the
+            step statistics averaged.
+        source: where episodes come from instead of ``tasks`` and their batch streams
+            (``contracts.EpisodeSource``; one process only, not with ``all_tasks``): ``next_episodes``
+            once per algorithm step; its state is checkpointed. The sampler is still updated, asked
+            for feedback and checkpointed, but not sampled by the loop.
         tasks_per_step: episodes per step (the meta-batch; 1 for plain multi-task training).
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
@@ -126,6 +143,23 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             every process's RNG state).
     """
     comm = comm if comm is not None else LocalCommunicator()
+    if groups is None:
+        if optimizer is None or scheduler is None:
+            raise TypeError("train_loop needs an optimizer and a scheduler, or groups")
+        groups = [single_group(model.parameters(), optimizer, scheduler, clip_norm)]
+    elif optimizer is not None or scheduler is not None:
+        raise TypeError("train_loop takes either optimizer and scheduler or groups, not both")
+    groups = list(groups)
+    if len({g.name for g in groups}) != len(groups) or any("/" in g.name for g in groups):
+        raise ValueError(f"optimiser group names must be distinct and without '/': {[g.name for g in groups]}")
+    owned = {id(p) for p in model.parameters()}
+    if any(id(p) not in owned for g in groups for p in g.params):
+        raise ValueError("every optimiser group's parameters must be parameters of the model the loop trains")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+    if source is not None and (comm.world_size > 1 or all_tasks):
+        raise ValueError(f"{run_dir}: an episode source runs on one process and without all_tasks")
+    first, more = groups[0], [(g.name, g.optimizer, g.scheduler) for g in groups[1:]]
     main = comm.rank == 0
     say = note if main else _silent
     count = len(tasks) if all_tasks else tasks_per_step
@@ -150,7 +184,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         machine["world_size"] = comm.world_size
     inputs = input_fingerprints(tasks)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(checkpoint, model=model, optimizer=first.optimizer, scheduler=first.scheduler,
+                                more=more)
         check_same_inputs(checkpoint, state.get("inputs"), inputs)
         start = state["step"]
         then = state.get("machine")
@@ -165,6 +200,8 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         elif comm.rank > 0:
             torch.manual_seed(_rank_seed(seed, comm.rank, start))
         sampler.load_state_dict(state["sampler"])
+        if source is not None:
+            source.load_state_dict(state["source"])
         for name, stream_state in state["streams"].items():
             streams[name].load_state_dict(stream_state)
     elif comm.rank > 0:
@@ -187,23 +224,36 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             algorithm.at_step(step)
             if before_step is not None:
                 before_step(step)
-            drawn = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
-                [_draw(sampler, algorithm) for _ in range(tasks_per_step)]
-            episodes = [_episode(names, tasks, streams, device, algorithm.cross_task_support, build=i in mine)
-                        for i, names in enumerate(drawn)]
-            episodes = [e for e in episodes if e is not None]
-            optimizer.zero_grad(set_to_none=True)
-            with mixed():
-                stats = algorithm.step(model, episodes)
+            zero_groups(groups)
+            model.zero_grad(set_to_none=True)  # parameters outside every group too: nothing carries over
+            drawn, micro_stats = [], []
+            for _ in range(grad_accum):
+                if source is not None:
+                    episodes = source.next_episodes()
+                    micro = [[e.task] for e in episodes]
+                else:
+                    micro = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
+                        [_draw(sampler, algorithm) for _ in range(tasks_per_step)]
+                    episodes = [_episode(names, tasks, streams, device, algorithm.cross_task_support,
+                                         build=i in mine) for i, names in enumerate(micro)]
+                    episodes = [e for e in episodes if e is not None]
+                drawn += micro
+                with mixed():
+                    if grad_accum == 1:
+                        micro_stats.append(algorithm.step(model, episodes))
+                    else:
+                        micro_stats.append(accumulate(list(model.parameters()), grad_accum,
+                                                      lambda: algorithm.step(model, episodes)))  # noqa: B023
+            stats = _mean_stats(micro_stats)
             if comm.world_size > 1:
                 comm.reduce_gradients([p for p in model.parameters() if p.requires_grad], weight)
                 stats = comm.reduce_mean(stats, weight)
             else:
                 comm.reduce_gradients([p for p in model.parameters() if p.grad is not None], weight)
-            params = [p for p in model.parameters() if p.grad is not None]
             if sampler.request(step + 1).encoder_grad_norm:
                 stats["encoder_grad_norm"] = encoder_grad_norm(model)
-            grad_norm = _clip(params, clip_norm)
+            norms = {g.name: _clip([p for p in g.params if p.grad is not None], g.clip_norm) for g in groups}
+            grad_norm = norms[first.name] if len(groups) == 1 else math.sqrt(math.fsum(v * v for v in norms.values()))
             finite = math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)
             done = step + 1
             stopping = False
@@ -216,22 +266,25 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                     raise TrainingDiverged(f"{run_dir}: {what}; nothing was updated at this step{limit}; lower the "
                                            "learning rate, or check the data")
                 result.skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()  # the schedule keeps its length; parameters, moments and sampler stay
+                zero_groups(groups)
+                for group in groups:
+                    group.scheduler.step()  # the schedule keeps its length; parameters, moments and sampler stay
                 say(f"warning: {run_dir}: skipped {what} ({result.skipped} of at most {skip_nonfinite})")
                 logger.log({"event": "skipped", "step": done, "tasks": names, "loss": str(stats.get("loss")),
                             "grad_norm": str(grad_norm), "skipped": result.skipped})
                 result.step = done
             else:
-                optimizer.step()
-                scheduler.step()
+                step_groups(groups)
                 sampler.update({"tasks": [d[-1] for d in drawn], **stats})
                 with mixed():
                     _meta_test(sampler, model, tasks, done, seed, comm)
                 result.step, result.last_loss = done, stats.get("loss", float("nan"))
                 if log_every and (done % log_every == 0 or done == steps):
-                    logger.log({"event": "train", "step": done, "task": drawn[0][-1],
-                                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **stats})
+                    rates = {"lr": first.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+                    if len(groups) > 1:
+                        rates.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in groups})
+                        rates.update({f"grad_norm/{n}": v for n, v in norms.items()})
+                    logger.log({"event": "train", "step": done, "task": drawn[0][-1], **rates, **stats})
                     bar.set_postfix(loss=f"{result.last_loss:.4f}")
             if eval_tasks and ((eval_every and done % eval_every == 0) or done == steps):
                 with mixed():
@@ -247,7 +300,10 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
                              "machine": machine, "inputs": inputs, "skipped": result.skipped}
                     if ranks is not None:
                         extra["rng_ranks"] = ranks
-                    save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, state=extra)
+                    if source is not None:
+                        extra["source"] = source.state_dict()
+                    save_checkpoint(run_dir, done, model=model, optimizer=first.optimizer, scheduler=first.scheduler,
+                                    state=extra, more=more)
                 comm.barrier()  # no process runs ahead of a checkpoint that is still being written
             if on_step is not None:
                 on_step(done)
@@ -312,12 +368,18 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 
 
 def _clip(params: list[torch.Tensor], clip_norm: float | None) -> float:
-    """The gradients' total norm before clipping (``params``: those with a gradient)."""
-    if not params:
-        return 0.0
-    if clip_norm is None or clip_norm <= 0:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    """The gradients' total norm before clipping (``params``: those with a gradient), clipped to
+    ``clip_norm`` unless it is None or <= 0 (``groups.clip_norm``; one call per group)."""
+    return clip_grads(params, clip_norm)
+
+
+def _mean_stats(micro: list[dict]) -> dict:
+    """The step statistics of ``grad_accum`` algorithm steps: each value averaged over the steps
+    that report it (one step's statistics unchanged)."""
+    if len(micro) == 1:
+        return dict(micro[0])
+    keys = list(dict.fromkeys(k for m in micro for k in m))
+    return {k: sum(m[k] for m in micro if k in m) / sum(k in m for m in micro) for k in keys}
 
 
 def _evaluate_all(model, tasks: Mapping[str, Task], eval_tasks: Mapping[str, tuple[str, ...]],
