@@ -125,7 +125,13 @@ def _hand_h(student, pseudo, support, query, *, lr):
 
 @pytest.mark.parametrize("h_form", ["cosine", "dot"])
 def test_hard_label_h_and_teacher_gradient_match_a_hand_computation(h_form):
-    teacher, student = _tiny()
+    check_hard_label_step(*_tiny(), h_form)
+
+
+def check_hard_label_step(teacher, student, h_form: str) -> float:
+    """``hard_label_step``'s h, student gradient and teacher gradient on one tiny batch against the
+    hand computation (``_hand_h`` and the teacher's λ·h·∇ of its own sample's NLL); returns h.
+    Shared with the Hugging Face encoders' test (tests/test_teacher_hf.py)."""
     x_u, keep, support, query = _batches()
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
     out = obj.hard_label_step(teacher, student, t_params, s_params, x_u, keep, support, query, inner_lr=0.1,
@@ -143,6 +149,7 @@ def test_hard_label_h_and_teacher_gradient_match_a_hand_computation(h_form):
     (3.0 * h * -(logp_x.mean() + logp_y.mean()) / 2).backward()
     for name, p in t.named_parameters():
         torch.testing.assert_close(out.teacher_grads[name], p.grad, rtol=1e-9, atol=1e-14)
+    return h
 
 
 def _np(tensors):
