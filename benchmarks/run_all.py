@@ -61,8 +61,10 @@ def main(argv=None) -> int:
         module = SUITE[name]
         sub_argv = ["--quick"] if args.quick else []
         print(f"# {name} ...", file=sys.stderr, flush=True)
+        part_started = time.perf_counter()
         result = module.run(module.parse_args(sub_argv), f"{command} (part: {name})")
         print(result["text"] + "\n", flush=True)
+        print(f"# {name}: {time.perf_counter() - part_started:.1f} s", file=sys.stderr, flush=True)
         results.append(result)
     print(summary(results))
     wall = time.perf_counter() - started

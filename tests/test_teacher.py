@@ -469,6 +469,26 @@ def test_lmtext_quick_runs_mlm_and_soft_labels_and_logs_the_teacher(tmp_path, da
     assert "| mlm |" in text and "| soft |" in text and "soft teacher after 2 optimizer steps" in text
 
 
+def test_lmtext_takes_any_registered_classification_task_and_keeps_a_folder_to_its_tasks(tmp_path, capsys):
+    """Without a data folder: the gensim demo corpus and two registered tasks that need no files
+    (polarity ships with gensim; twomoons is generated), one with two labels per task token."""
+    from metalm.tasks.spec import gensim_data_dir
+    corpus = tmp_path / "corpus.txt"
+    lines = (gensim_data_dir() / "lee_background.cor").read_text(encoding="utf-8").splitlines()
+    corpus.write_text("\n".join(lines[:40]), encoding="utf-8")
+    out = tmp_path / "text"
+    argv = ["lmtext", "--quick", "--data", str(tmp_path / "no-data"), "--corpus", str(corpus), "--out", str(out)]
+    assert main(argv + ["--tasks", "polarity,twomoons"]) == 0
+    soft = json.loads((out / "runs" / "soft.json").read_text())
+    assert soft["tasks"] == ["polarity", "twomoons"] and set(soft["scores"]) == {"polarity", "twomoons"}
+    assert "| method | polarity acc | twomoons acc |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(argv + ["--tasks", "polarity"]) == 2  # the folder holds results of other tasks
+    assert "made with tasks ['polarity', 'twomoons'], not ['polarity']" in capsys.readouterr().err
+    assert main(argv[:-1] + [str(tmp_path / "other"), "--tasks", "simlex"]) == 2
+    assert "task simlex is regression" in capsys.readouterr().err
+
+
 def test_mlm_curve_plot_is_written_from_stored_run_logs(tmp_path):
     from metalm.teacher.pictures import mlm_curves, plot_mlm_curve
     curve = lambda losses: [{"step": i + 1, "samples": 16 * (i + 1), "mlm_loss": v} for i, v in enumerate(losses)]  # noqa: E731

@@ -249,7 +249,8 @@ def cmd_lmtext(args) -> None:
     data_root = Path(args.data or os.environ.get("METALM_DATA") or "../shared/data")
     corpus = Path(args.corpus) if args.corpus else data_root / "corpus" / "lee_background.cor"
     size = TEXT_SIZES["quick" if args.quick else "default"]
-    path = run_text(size, args.out or f"runs/lmtext-{size.name}", data_root=data_root, corpus=corpus)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    path = run_text(size, args.out or f"runs/lmtext-{size.name}", data_root=data_root, corpus=corpus, tasks=tasks)
     print()
     print(path.read_text())
 
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--data", default=None, help="data root (default $METALM_DATA or ../shared/data)")
     text.add_argument("--corpus", default=None, help="plain-text corpus (default <data>/corpus/lee_background.cor)")
     text.add_argument("--out", default=None, help="output folder (default runs/lmtext-<size>)")
+    text.add_argument("--tasks", default="sst2,subj",
+                      help="registered single-sentence classification tasks, comma-separated (default sst2,subj)")
     text.add_argument("--threads", type=int, default=1, help="torch threads")
     text.set_defaults(fn=cmd_lmtext)
     export = sub.add_parser("export", help="write a trained encoder as a sentence-transformers folder")

@@ -371,3 +371,42 @@ def read_analogy(path: str | Path, *, parse_label: Callable[[Any], Any], encodin
     if not records:
         raise DataError(path, None, None, "at least one analogy line", "none")
     return records
+
+
+TWOMOONS_KEYS = {"points": int, "noise": float, "seed": int}
+
+
+def parse_twomoons_recipe(recipe: str) -> dict[str, Any]:
+    """``"points=1000 noise=0.1 seed=21"`` -> {points: 1000, noise: 0.1, seed: 21}; ValueError(what is wrong)."""
+    values: dict[str, Any] = {}
+    for part in recipe.split():
+        key, sep, raw = part.partition("=")
+        if not sep or key not in TWOMOONS_KEYS:
+            raise ValueError(f"{part!r} is not one of {', '.join(k + '=...' for k in TWOMOONS_KEYS)}")
+        try:
+            values[key] = TWOMOONS_KEYS[key](raw)
+        except ValueError:
+            raise ValueError(f"{key} must be {'an integer' if TWOMOONS_KEYS[key] is int else 'a number'}, "
+                             f"got {raw!r}") from None
+    missing = [k for k in TWOMOONS_KEYS if k not in values]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (e.g. 'points=1000 noise=0.1 seed=21')")
+    if values["points"] < 2 or values["noise"] < 0 or values["seed"] < 0:
+        raise ValueError(f"points must be >= 2, noise >= 0 and seed >= 0, got {recipe!r}")
+    return values
+
+
+def read_twomoons(recipe: str, *, parse_label: Callable[[Any], Any]) -> list[Record]:
+    """Two Moons points (Shen, §4.2) generated from a recipe ``points=N noise=S seed=R`` instead of a
+    file: scikit-learn's ``make_moons`` numbers, scaled and floored to the 64 x 64 grid of Shen's
+    codec, each point one record whose text is its two coordinates (``"17 40"``) and whose label is
+    its moon (``"0"`` or ``"1"``)."""
+    from metalm.teacher import twomoons as tm
+
+    try:
+        values = parse_twomoons_recipe(recipe)
+    except ValueError as err:
+        raise DataError(f"twomoons:{recipe}", None, None, str(err), recipe) from None
+    points, labels = tm.make_moons(values["points"], noise=values["noise"], seed=values["seed"])
+    grid = tm.to_grid(points)
+    return [{"text_a": f"{x} {y}", "label": parse_label(str(label))} for (x, y), label in zip(grid.tolist(), labels.tolist())]

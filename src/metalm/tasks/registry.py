@@ -166,4 +166,11 @@ _DEMO = [
              metrics=("accuracy", "macro_f1"), split_ratios={"train": 0.8, "dev": 0.2},
              description="relation of a word pair (14 classes) from word2vec's analogy questions; gensim test data"),
 ]
+# Two Moons (Shen, §4.2) as a text task: each point's two grid coordinates as words, generated from
+# the codec (no files). The test split is the 1000 points the Two Moons study scores.
+_DEMO.append(TaskSpec(
+    name="twomoons", kind="classification", format="twomoons", labels=BINARY, metrics=("accuracy",),
+    files={"train": "points=1000 noise=0.1 seed=21", "dev": "points=200 noise=0.1 seed=31",
+           "test": "points=1000 noise=0.1 seed=8"}, eval_splits=("dev", "test"),
+    description="Two Moons points as 'x y' on a 64 x 64 grid (Shen §4.2), generated: 1000 train / 200 dev / 1000 test"))
 REGISTRY.update({spec.name: spec for spec in _DEMO})

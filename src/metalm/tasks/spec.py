@@ -15,11 +15,11 @@ from metalm import config as cfg
 from metalm.data.errors import DataError
 from metalm.data.hub import read_hub
 from metalm.tasks.metrics import METRICS
-from metalm.data.readers import (Record, label_parser, read_analogy, read_conll, read_delimited, read_fasttext,
-                                 read_jsonl)
+from metalm.data.readers import (Record, label_parser, parse_twomoons_recipe, read_analogy, read_conll,
+                                 read_delimited, read_fasttext, read_jsonl, read_twomoons)
 
 Kind = Literal["classification", "pair_classification", "regression", "token_classification"]
-Format = Literal["tsv", "csv", "jsonl", "conll", "fasttext", "analogy", "hub"]
+Format = Literal["tsv", "csv", "jsonl", "conll", "fasttext", "analogy", "hub", "twomoons"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class TaskSpec:
     kind: Kind
     """classification (one sentence), pair_classification, regression (pair scores), token_classification."""
     files: dict[str, str] = field(default_factory=dict)
-    """Split name -> file path. ``all`` with ``split_ratios`` splits one file, seeded."""
+    """Split name -> file path. ``all`` with ``split_ratios`` splits one file, seeded. Format
+    ``twomoons``: split name -> the points to generate, ``"points=N noise=S seed=R"``."""
     format: Format = "tsv"
     """File format."""
     columns: dict[str, str | int] = field(default_factory=dict)
@@ -108,7 +109,7 @@ class TaskSpec:
         if self.kind in ("classification", "pair_classification", "token_classification") and not self.labels:
             raise cfg.ConfigError(f"task {self.name}: kind {self.kind} needs a list of labels")
         if self.kind != "token_classification" and self.format != "hub" and "text_a" not in self.columns \
-                and self.format not in ("fasttext", "conll", "analogy"):
+                and self.format not in ("fasttext", "conll", "analogy", "twomoons"):
             raise cfg.ConfigError(f"task {self.name}: columns needs text_a")
         if self.kind == "pair_classification" and self.format not in ("hub", "analogy") \
                 and "text_b" not in self.columns:
@@ -121,6 +122,15 @@ class TaskSpec:
             raise cfg.ConfigError(f"task {self.name}: split_filters names "
                                   + (f"split(s) {unknown} that are not in files {sorted(self.files)}" if unknown else
                                      "splits of a file cut by split_ratios; use filter, which applies before the cut"))
+        if self.format == "twomoons":
+            if self.split_ratios or self.kind != "classification":
+                raise cfg.ConfigError(f"task {self.name}: format twomoons gives each split its own points "
+                                      "(no split_ratios) and is a classification task")
+            for split, recipe in self.files.items():
+                try:
+                    parse_twomoons_recipe(recipe)
+                except ValueError as err:
+                    raise cfg.ConfigError(f"task {self.name}: files.{split}: {err}") from None
         if "all" in self.files and not self.split_ratios:
             raise cfg.ConfigError(f"task {self.name}: files.all needs split_ratios (e.g. train: 0.8, dev: 0.2)")
         for metric in self.metrics:
@@ -192,6 +202,8 @@ def read_split(spec: TaskSpec, split: str, *, root: str | Path, glue: str | Path
         return parts[split]
     if split not in spec.files:
         raise cfg.ConfigError(f"task {spec.name}: unknown split {split!r} (have {sorted(spec.files)})")
+    if spec.format == "twomoons":
+        return read_twomoons(spec.files[split], parse_label=parse)
     return _read_file(spec, resolve_path(spec.files[split], root=root, glue=glue), parse, split=split)
 
 

@@ -11,7 +11,6 @@ held-out windows are logged at every evaluation, so degeneration (their Table 3)
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from collections import Counter
@@ -25,12 +24,14 @@ from metalm.teacher import objective as obj
 from metalm.teacher.finetune import accuracy, finetune
 from metalm.teacher.model import ModelSize, teacher_and_student
 from metalm.teacher.pretrain import PAD, PretrainSettings, pretrain
+from metalm.config import ConfigError
 from metalm.files import write_text_atomic
+from metalm.tasks.registry import get_task_spec
+from metalm.tasks.spec import read_split
 
 SPECIALS = ["[PAD]", "[SEP]", "[MASK]", "[CLS0]", "[CLS1]", "[UNK]"]
 SEP, MASK, CLS0, CLS1, UNK = 1, 2, 3, 4, 5
-# task name -> (folder under the data root, sentence column, label column, has header)
-TASKS = {"sst2": ("glue/SST-2", 0, 1, True), "subj": ("senteval/SUBJ", 1, 0, False)}
+TASKS = ("sst2", "subj")  # the default labelled tasks: registered names, read through the task registry
 
 
 @dataclass(frozen=True)
@@ -78,34 +79,30 @@ class TextTask:
 
 
 def read_task(root: Path, name: str, split: str, limit: int) -> tuple[list[str], list[int]]:
-    folder, text_col, label_col, header = TASKS[name]
-    path = root / folder / f"{split}.tsv"
-    with path.open(encoding="utf-8") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = rows[1:] if header else rows
-    sentences, labels = [], []
-    for line, row in enumerate(rows, start=2 if header else 1):
-        try:
-            sentences.append(row[text_col])
-            labels.append(int(row[label_col]))
-        except (IndexError, ValueError) as err:
-            raise ValueError(f"{path}:{line}: expected a sentence and a 0/1 label, got {row!r}") from err
+    """Up to ``limit`` sentences and label indices of a registered single-sentence classification
+    task (read as ``metalm finetune`` reads it), in a fixed order that is the same for every method."""
+    spec = get_task_spec(name)
+    if spec.kind != "classification":
+        raise ConfigError(f"lmtext: task {name} is {spec.kind}; Shen's text setting takes single-sentence "
+                          "classification tasks (e.g. sst2, subj, mr, cr, polarity, twomoons)")
+    records = read_split(spec, split, root=root)
     g = torch.Generator().manual_seed(0)  # a fixed sample, the same for every method
-    order = torch.randperm(len(sentences), generator=g)[:limit].tolist()
-    return [sentences[i] for i in order], [labels[i] for i in order]
+    order = torch.randperm(len(records), generator=g)[:limit].tolist()
+    return [records[i]["text_a"] for i in order], [int(records[i]["label"]) for i in order]
 
 
 class TextVocab:
-    """Compact ids over WordPiece: specials, one [CLS] and two label tokens per task, then pieces."""
+    """Compact ids over WordPiece: specials, one [CLS] and one token per label of each task, then pieces."""
 
-    def __init__(self, tokenizer, texts: list[str], *, tasks: list[str], size: int):
+    def __init__(self, tokenizer, texts: list[str], *, tasks: dict[str, tuple[str, ...]], size: int):
+        """``tasks``: task name -> its labels, in label order."""
         self.tokenizer = tokenizer
         self.names = list(SPECIALS)
         self.task_cls, self.label_ids = {}, {}
-        for task in tasks:
+        for task, labels in tasks.items():
             self.task_cls[task] = len(self.names)
-            self.label_ids[task] = (len(self.names) + 1, len(self.names) + 2)
-            self.names += [f"[CLS_{task}]", f"[{task}:0]", f"[{task}:1]"]
+            self.label_ids[task] = tuple(len(self.names) + 1 + i for i in range(len(labels)))
+            self.names += [f"[CLS_{task}]"] + [f"[{task}:{label}]" for label in labels]
         counts = Counter(piece for text in texts for piece in tokenizer.tokenize(text))
         self.first_piece = len(self.names)
         self.names += [piece for piece, _ in counts.most_common(size)]
@@ -155,24 +152,32 @@ def teacher_outputs(teacher, vocab: TextVocab, x_u: Tensor) -> list[dict]:
 
 
 def run_text(size: TextSize, out: str | Path, *, data_root: str | Path, corpus: str | Path,
-             methods: tuple[str, ...] = ("mlm", "soft"), progress: bool = True) -> Path:
+             methods: tuple[str, ...] = ("mlm", "soft"), tasks: tuple[str, ...] = TASKS,
+             progress: bool = True) -> Path:
     """Pre-trains one student per method, fine-tunes it on every task, writes ``results.md``.
 
-    Each method's result is ``<out>/runs/<method>.json``; a re-run skips those that exist.
+    ``tasks``: registered single-sentence classification tasks (labelled tasks of pre-training and
+    the fine-tuning targets). Each method's result is ``<out>/runs/<method>.json``; a re-run skips
+    those that exist and refuses a folder made with other tasks.
     """
     from metalm.models.encoder import load_tokenizer
 
     torch.manual_seed(size.seed)
     out, root = Path(out), Path(data_root)
     text = Path(corpus).read_text(encoding="utf-8")
+    tasks = tuple(tasks)
+    for path in sorted((out / "runs").glob("*.json")):
+        made_with = tuple(json.loads(path.read_text()).get("tasks", TASKS))
+        if made_with != tasks:
+            raise ConfigError(f"{path}: made with tasks {list(made_with)}, not {list(tasks)}; use another --out")
     data = {t: {split: read_task(root, t, split, size.train_examples if split == "train" else size.eval_examples)
-                for split in ("train", "dev")} for t in TASKS}
+                for split in ("train", "dev")} for t in tasks}
     vocab = TextVocab(load_tokenizer("minilm"), [text] + [s for t in data.values() for s in t["train"][0]],
-                      tasks=list(TASKS), size=size.vocab)
+                      tasks={t: get_task_spec(t).labels for t in tasks}, size=size.vocab)
     windows = corpus_windows(vocab, text, size.length)
     held, unlabelled = windows[:64], windows[64:]
     held_out = obj.mask_tokens(held, vocab.scheme(), generator=torch.Generator().manual_seed(7))
-    tasks = {t: {s: task_tensors(vocab, t, *data[t][s], size.length) for s in ("train", "dev")} for t in TASKS}
+    sets = {t: {s: task_tensors(vocab, t, *data[t][s], size.length) for s in ("train", "dev")} for t in tasks}
     model_size = ModelSize(vocab.size, n_layer=size.n_layer, d_model=size.d_model, d_ff=4 * size.d_model,
                            n_head=size.n_head, max_positions=size.length)
     for method in methods:
@@ -184,19 +189,19 @@ def run_text(size: TextSize, out: str | Path, *, data_root: str | Path, corpus: 
         settings = PretrainSettings(method, samples=size.samples, warmup=size.warmup, meta_weight=10.0)
         log = None if method == "mlm" else (lambda step: teacher_outputs(teacher, vocab, held[:2]))
         pre = pretrain(settings, teacher, student, unlabelled, [(t["train"].inputs, t["train"].targets())
-                                                                for t in tasks.values()],
+                                                                for t in sets.values()],
                        held_out, seed=size.seed, scheme=vocab.scheme(), log_samples=log)
         state = {k: v.clone() for k, v in student.state_dict().items()}
         scores = {}
-        for name, t in tasks.items():
+        for name, t in sets.items():
             student.load_state_dict(state)
             half = len(t["dev"]) // 2
             val, test = t["dev"].subset(slice(0, half)), t["dev"].subset(slice(half, None))
             finetune(student, t["train"], val, epochs=size.finetune_epochs, batch_size=16, peak_lr=4e-3,
                      warmup=10, seed=size.seed)
-            majority = max(float(test.labels.float().mean()), 1 - float(test.labels.float().mean()))
+            majority = float(torch.bincount(test.labels).max()) / len(test)
             scores[name] = {"accuracy": accuracy(student, test), "majority": majority, "n_test": len(test)}
-        result = {"method": method, "scores": scores, "final_mlm_loss": pre["curve"][-1]["mlm_loss"],
+        result = {"method": method, "tasks": list(tasks), "scores": scores, "final_mlm_loss": pre["curve"][-1]["mlm_loss"],
                   "mlm_curve": pre["curve"], "teacher_samples": pre["samples"], "size": asdict(size),
                   "vocab_size": vocab.size, "unlabelled_windows": len(unlabelled),
                   "seconds": round(time.time() - start, 1)}
@@ -204,12 +209,12 @@ def run_text(size: TextSize, out: str | Path, *, data_root: str | Path, corpus: 
         if progress:
             print(f"{method}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}" for k, v in scores.items())
                   + f" ({result['seconds']:.0f}s)", flush=True)
-    return write_text_report(out, size, corpus)
+    return write_text_report(out, size, corpus, tasks)
 
 
-def write_text_report(out: Path, size: TextSize, corpus) -> Path:
+def write_text_report(out: Path, size: TextSize, corpus, tasks: tuple[str, ...] = TASKS) -> Path:
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    tasks = list(TASKS)
+    tasks = list(tasks)
     lines = [f"## Meta LM on text: size {size.name}, corpus {Path(corpus).name}", "",
              "| method | " + " | ".join(f"{t} acc" for t in tasks) + " | student MLM loss |",
              "|---|" + "---|" * (len(tasks) + 1)]
