@@ -27,6 +27,9 @@ def tiny(study: str, out: Path, data_root: Path, cache: Path) -> Path:
     data.update(output_dir=str(out), seeds=[0], encoder={"name": "bilstm-tiny" if study == "lv_scratch" else "tiny",
                                                           "max_length": 32, "pair_max_length": 32},
                 data={"root": str(data_root), "cache_dir": str(cache)})
+    # One process: starting a pool of workers (each importing torch) cost more than the tiny cells;
+    # tests/test_executor.py runs the pooled executor against the local one.
+    data.update(executor="local", workers=1)
     data["finetune"] = {**data["finetune"], "epochs": 1 if study != "lv" else 2, "min_steps": 0}
     data["target_finetune"] = {t: {**c, "min_steps": 0} for t, c in data.get("target_finetune", {}).items()}
     # Small fine-tuning sets; two fractions where the study sweeps them (one example per class at 0.001).
