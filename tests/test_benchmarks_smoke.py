@@ -36,11 +36,12 @@ def test_meta_step_quick_runs_and_reports_every_configuration(tmp_path: Path):
     assert result["memory_method"] and result["machine"]["torch"]
 
 
-def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path):
+def test_run_all_quick_reports_every_benchmark_and_target(tmp_path: Path, data_root: Path):
     """benchmarks/run_all.py --quick: every benchmark runs and produces finite numbers; the peers of
-    maml_peers are measured (meta-gradients checked equal) or reported as not installed, never absent."""
+    maml_peers are measured (meta-gradients checked equal) or reported as not installed, never absent.
+    data_pipeline reads SST-2 from the data folder, so without one the test is skipped."""
     out = tmp_path / "all.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "METALM_DATA": str(data_root)}
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only",
                            "finetune,scaling,maml_peers,data_pipeline,flops,mlm_throughput,sampler_overhead,eval_order", "--json", str(out)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
