@@ -3,9 +3,10 @@
     python benchmarks/scaling.py [--quick] [--encoder minilm] [--algorithms multitask,fomaml,maml,reptile]
                                  [--episodes 2] [--k 1] [--steps 4] [--rounds 2] [--json out.json]
 
-For each algorithm, the same training loop (``metalm.train.loop.train_loop``) runs in fresh
-processes joined by gloo (``metalm.train.distributed.TorchCommunicator``), one torch thread per
-rank, at 1 rank and at 2 ranks with the same work per rank: ``--episodes`` episodes per rank and
+For each algorithm, the same training loop (``metalm.train.loop.train_loop``) runs in processes
+joined by gloo (``metalm.train.distributed.TorchCommunicator``), one torch thread per rank, at 1
+rank and at 2 ranks with the same work per rank (each round starts one set of processes per world
+size, which runs every algorithm in turn on a freshly built model): ``--episodes`` episodes per rank and
 step (so the meta-batch doubles at 2 ranks), ``--k`` inner steps, batches of 8 x 64 random token
 ids. Each run times ``--steps`` steps after one warm-up step (rank 0's, which waits for the gradient
 all-reduce); ``--rounds`` rounds each run 1 rank and 2 ranks, in alternating order, and a step
@@ -83,7 +84,9 @@ class _RandomTask:
                 "labels": torch.randint(0, 2, (BATCH,), generator=g)}
 
 
-def _rank(rank: int, world: int, init_file: str, cfg: dict, out: str) -> None:
+def _rank(rank: int, world: int, init_file: str, cfgs: list[dict], out: str) -> None:
+    """Runs every configuration of ``cfgs`` in turn in this rank's process (one spawn per world size and
+    round, so process start-up is paid once); rank 0 writes each one's step times."""
     import json
 
     import torch
@@ -96,33 +99,35 @@ def _rank(rank: int, world: int, init_file: str, cfg: dict, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model, _ = _measure.build_model(encoder=cfg["encoder"], device="cpu", seed=0, threads=1)
-        settings = {} if cfg["algorithm"] == "multitask" else {"inner_lr": 1e-3, "inner_steps": cfg["k"]}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        stamps: list[float] = []
-        start = time.perf_counter()
-        train_loop(model=model, tasks={"t": _RandomTask(model.encoder.config.vocab_size)},
-                   algorithm=build_algorithm(cfg["algorithm"], **settings),
-                   sampler=CategoricalSampler({"t": 1.0}, seed=0), optimizer=optimizer, scheduler=scheduler,
-                   steps=cfg["steps"] + 1, batch_size=BATCH, seed=0, run_dir=Path(out) / "run",
-                   tasks_per_step=cfg["episodes"] * world, log_every=0, progress=False, tensorboard=False,
-                   comm=TorchCommunicator(), on_step=lambda done: stamps.append(time.perf_counter()))
-        if rank == 0:
-            times = [b - a for a, b in zip([start, *stamps], stamps)][1:]  # the warm-up step left out
-            Path(out, "times.json").write_text(json.dumps(times))
+        for cfg in cfgs:
+            model, _ = _measure.build_model(encoder=cfg["encoder"], device="cpu", seed=0, threads=1)
+            settings = {} if cfg["algorithm"] == "multitask" else {"inner_lr": 1e-3, "inner_steps": cfg["k"]}
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+            stamps: list[float] = []
+            start = time.perf_counter()
+            train_loop(model=model, tasks={"t": _RandomTask(model.encoder.config.vocab_size)},
+                       algorithm=build_algorithm(cfg["algorithm"], **settings),
+                       sampler=CategoricalSampler({"t": 1.0}, seed=0), optimizer=optimizer, scheduler=scheduler,
+                       steps=cfg["steps"] + 1, batch_size=BATCH, seed=0, run_dir=Path(out) / f"run-{cfg['algorithm']}",
+                       tasks_per_step=cfg["episodes"] * world, log_every=0, progress=False, tensorboard=False,
+                       comm=TorchCommunicator(), on_step=lambda done: stamps.append(time.perf_counter()))
+            if rank == 0:
+                times = [b - a for a, b in zip([start, *stamps], stamps)][1:]  # the warm-up step left out
+                Path(out, f"times-{cfg['algorithm']}.json").write_text(json.dumps(times))
     finally:
         dist.destroy_process_group()
 
 
-def _times(cfg: dict, world: int) -> list[float]:
+def _times(cfgs: list[dict], world: int) -> dict[str, list[float]]:
+    """Step times of each configuration at ``world`` ranks, keyed by algorithm."""
     import json
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="metalm-scaling-") as tmp:
-        mp.spawn(_rank, args=(world, str(Path(tmp) / "init"), cfg, tmp), nprocs=world, join=True)
-        return json.loads(Path(tmp, "times.json").read_text())
+        mp.spawn(_rank, args=(world, str(Path(tmp) / "init"), cfgs, tmp), nprocs=world, join=True)
+        return {c["algorithm"]: json.loads(Path(tmp, f"times-{c['algorithm']}.json").read_text()) for c in cfgs}
 
 
 def _summary(cfg: dict, world: int, times: list[float]) -> dict:
@@ -135,17 +140,18 @@ def run(args: argparse.Namespace, command: str) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
     rows, checks = {}, []
-    for algorithm in args.algorithms:
-        cfg = {"encoder": args.encoder, "algorithm": algorithm, "k": args.k, "episodes": args.episodes,
-               "steps": args.steps}
-        times: dict[int, list[float]] = {1: [], 2: []}
-        for r in range(args.rounds):
-            for world in ((1, 2) if r % 2 == 0 else (2, 1)):
-                got = _times(cfg, world)
-                times[world] += got
+    cfgs = [{"encoder": args.encoder, "algorithm": algorithm, "k": args.k, "episodes": args.episodes,
+             "steps": args.steps} for algorithm in args.algorithms]
+    times = {a: {1: [], 2: []} for a in args.algorithms}
+    for r in range(args.rounds):
+        for world in ((1, 2) if r % 2 == 0 else (2, 1)):
+            for algorithm, got in _times(cfgs, world).items():
+                times[algorithm][world] += got
                 print(f"  {algorithm}, round {r + 1}: {world} rank(s) {statistics.median(got):.3f} s/step",
                       file=sys.stderr, flush=True)
-        one, two = _summary(cfg, 1, times[1]), _summary(cfg, 2, times[2])
+    for cfg in cfgs:
+        algorithm = cfg["algorithm"]
+        one, two = _summary(cfg, 1, times[algorithm][1]), _summary(cfg, 2, times[algorithm][2])
         ratio = two["episodes_per_s"] / one["episodes_per_s"]
         rows[algorithm] = {"one": one, "two": two, "ratio": ratio}
         checks.append(_measure.target(f"{algorithm}: episodes/s at 2 ranks / 1 rank", ratio, 1.8, at_least=True))

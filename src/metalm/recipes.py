@@ -116,7 +116,7 @@ def _run_train(cfg: TrainConfig, *, resume: bool, progress: bool, on_step, tenso
     train_loop(model=model, tasks=tasks, algorithm=algorithm, sampler=sampler,
                optimizer=optimizer, scheduler=scheduler, steps=settings.steps,
                batch_size={n: (settings.task_batch_sizes or {}).get(n, settings.batch_size) for n in tasks},
-               tasks_per_step=settings.tasks_per_step, seed=cfg.seed, run_dir=out,
+               tasks_per_step=settings.tasks_per_step, grad_accum=settings.grad_accum, seed=cfg.seed, run_dir=out,
                clip_norm=settings.optim.clip_norm, log_every=settings.log_every,
                checkpoint_every=settings.checkpoint_every or settings.steps, eval_every=settings.eval_every,
                eval_tasks=eval_tasks, resume=resume, progress=progress, on_step=on_step, tensorboard=tensorboard,

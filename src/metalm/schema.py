@@ -230,6 +230,10 @@ class TrainSettings:
     """Examples per batch."""
     tasks_per_step: int = 1
     """Episodes per step: the meta-batch of tasks (Dou et al.: 8), gradients averaged."""
+    grad_accum: int = 1
+    """Gradient accumulation: each optimiser step runs this many algorithm steps on freshly drawn
+    episodes and averages their gradients, so a meta-batch too large for memory fits (with the mean
+    reduction, ``tasks_per_step: 1, grad_accum: 8`` steps as ``tasks_per_step: 8`` does)."""
     step_tasks: Literal["sampled", "all"] = "sampled"
     """sampled: `tasks_per_step` episodes whose tasks the sampler draws; all: one episode (one
     batch) of every task at every step, in task order, the sampler unused (Xue Eq. 1: every
@@ -255,7 +259,7 @@ class TrainSettings:
     less padding, so more tokens/s on corpora of mixed sentence lengths."""
 
     def __post_init__(self):
-        check_bounds(self, {"steps": POSITIVE, "batch_size": POSITIVE, "tasks_per_step": POSITIVE,
+        check_bounds(self, {"steps": POSITIVE, "batch_size": POSITIVE, "tasks_per_step": POSITIVE, "grad_accum": POSITIVE,
                             "inner_steps": NON_NEGATIVE, "inner_lr": NON_NEGATIVE, "inner_weight_decay": NON_NEGATIVE,
                             "inner_betas": UNIT_OPEN, "inner_eps": POSITIVE, "task_inner_steps": NON_NEGATIVE,
                             "task_batch_sizes": POSITIVE, "log_every": NON_NEGATIVE, "checkpoint_every": NON_NEGATIVE,
