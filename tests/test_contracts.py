@@ -56,7 +56,7 @@ def test_shens_pretraining_parts_satisfy_the_protocols():
     choice.load_state_dict(state)  # the generator's state round-trips through JSON-able text
     assert [choice.sample() for _ in range(5)] == drawn
     source = PretrainEpisodes(torch.ones(4, 3, dtype=torch.long), None, batch_size=2, generator=g)
-    assert isinstance(source, EpisodeSource) and len(source.next_episodes()) == 1
+    assert isinstance(source, EpisodeSource) and len(source.next_episodes(0, 0)) == 1
 
 
 def test_feedback_requests_combine():

@@ -189,10 +189,12 @@ def test_a_checkpoint_resumes_only_with_the_groups_it_was_written_with(tmp_path)
 class _Source:
     """Episodes of task t from fixed rows, counted."""
 
+    seekable = False
+
     def __init__(self):
         self.calls = 0
 
-    def next_episodes(self):
+    def next_episodes(self, step, index):
         rows = list(range(4 * self.calls, 4 * self.calls + 4))
         self.calls += 1
         return [Episode(task="t", support=(), query=RowTask(2, seed=1).batch("train", rows))]

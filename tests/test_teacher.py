@@ -327,13 +327,19 @@ PINS = {
 }
 
 
+# The pins were recorded bit for bit on one CPU; another CPU's float64 kernels (AVX-512 against
+# AVX2, seen on an AMD EPYC) round the last bit differently (relative differences of ~1e-16), so the
+# pins hold to 1e-12, far below any change of the method (which moves them by 1e-3 or more).
+PIN_RTOL = 1e-12
+
+
 def _fingerprint(model) -> tuple[float, float, float]:
     import math
     values = [v for p in model.parameters() for v in p.detach().flatten().tolist()]
     return (math.fsum(values), math.fsum(v * v for v in values), math.fsum(i * v for i, v in enumerate(values)))
 
 
-def _pinned_run(method, samples=24, **kwargs):
+def _pinned_run(method, samples=24, streams="shared", **kwargs):
     torch.manual_seed(0)
     size = ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2)  # dropout 0.1
     teacher, student = teacher_and_student(size, seed=0)
@@ -341,21 +347,22 @@ def _pinned_run(method, samples=24, **kwargs):
     unlabelled = tm.unlabelled_sequences(16, noise=0.1, seed=0)
     held = obj.mask_tokens(unlabelled[:4], masking_scheme(), generator=torch.Generator().manual_seed(0))
     labelled = tm.labelled_set(8, noise=0.1, seed=1)
-    settings = PretrainSettings(method, samples=samples, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2)
+    settings = PretrainSettings(method, samples=samples, batch_size=4, samples_per_task=2, grad_accum=2, warmup=2,
+                                streams=streams)
     out = pretrain(settings, teacher, student, unlabelled, [(labelled.inputs, labelled.targets())], held, seed=0,
                    **kwargs)
     return teacher, student, out
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_pretrain_keeps_its_pinned_outcome_bit_for_bit(method):
+def test_pretrain_keeps_its_pinned_outcome(method):
     teacher, student, out = _pinned_run(method)
     pin = PINS[method]
     assert out["steps"] == 3
-    assert _fingerprint(student) == pin["student"]
-    assert _fingerprint(teacher) == pin["teacher"]
-    assert [c["mlm_loss"] for c in out["curve"]] == pin["mlm_loss"]
-    assert out["h"] == pin["h"]
+    assert _fingerprint(student) == pytest.approx(pin["student"], rel=PIN_RTOL)
+    assert _fingerprint(teacher) == pytest.approx(pin["teacher"], rel=PIN_RTOL)
+    assert [c["mlm_loss"] for c in out["curve"]] == pytest.approx(pin["mlm_loss"], rel=PIN_RTOL)
+    assert out["h"] == pytest.approx(pin["h"], rel=1e-9, abs=1e-15)
 
 
 @pytest.mark.parametrize("kind", ["mlm", "hard", "soft"])
@@ -421,7 +428,7 @@ def test_pretrain_killed_mid_run_resumes_bit_for_bit(method, tmp_path):
 FINETUNE_PIN = (-1.9101769069392116, 17.040891914547608, -6433.852955543558)
 
 
-def test_finetune_keeps_its_pinned_outcome_bit_for_bit():
+def test_finetune_keeps_its_pinned_outcome():
     from metalm.teacher.finetune import finetune
 
     _, student = teacher_and_student(ModelSize(V.size, n_layer=1, d_model=4, d_ff=8, n_head=2), seed=0)
@@ -429,7 +436,7 @@ def test_finetune_keeps_its_pinned_outcome_bit_for_bit():
     out = finetune(student, tm.labelled_set(8, noise=0.1, seed=1), tm.labelled_set(8, noise=0.1, seed=2), epochs=1,
                    batch_size=2, warmup=3, peak_lr=0.05)
     assert out == {"val_accuracy": 0.5, "best_epoch": 1, "val_curve": [0.5]}
-    assert _fingerprint(student) == FINETUNE_PIN
+    assert _fingerprint(student) == pytest.approx(FINETUNE_PIN, rel=PIN_RTOL)
 
 
 # --- the study ------------------------------------------------------------------------------

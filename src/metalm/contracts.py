@@ -168,9 +168,16 @@ class Sampler(Protocol):
 class EpisodeSource(Protocol):
     """Episodes made outside the loop's tasks and batch streams (Shen's teacher-student batches:
     unlabelled rows and labelled tasks drawn together); the loop calls ``next_episodes`` once per
-    algorithm step and keeps ``state_dict`` in its checkpoints."""
+    algorithm step (``step``: optimiser steps done, ``index``: the micro-batch of that step, below
+    ``grad_accum``) and keeps ``state_dict`` in its checkpoints.
 
-    def next_episodes(self) -> list[Episode]: ...
+    ``seekable`` declares whether the episodes (and every random draw the algorithm makes on them)
+    depend only on ``(step, index)``: then several processes can split a step's micro-batches, each
+    calling it only for its own. A source that is not seekable draws in call order, on one process."""
+
+    seekable: bool
+
+    def next_episodes(self, step: int, index: int) -> list[Episode]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: Mapping) -> None: ...
 

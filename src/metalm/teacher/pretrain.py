@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from metalm.contracts import NO_FEEDBACK, Episode, FeedbackRequest
+from metalm.contracts import NO_FEEDBACK, Communicator, Episode, FeedbackRequest, LocalCommunicator
 from metalm.teacher import objective as obj
 from metalm.teacher import twomoons as tm
 from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unlabelled_batch
@@ -35,6 +36,7 @@ from metalm.train.loop import train_loop
 from metalm.train.optim import build_optimizer
 
 METHODS = ("mlm", "hard", "soft", "soft_fixed_y", "hard_fixed_y")
+STREAMS = ("shared", "per_batch")
 PAD = 0  # the padding id of every vocabulary here
 
 
@@ -56,8 +58,15 @@ class PretrainSettings:
     h_update: str = "optimizer"  # θ0 − θ1 of Eq. 8: "optimizer" (the student's AdamW step) or "sgd" (η·g)
     clip: float = 5.0
     evals: int = 20  # held-out MLM losses over the run (for "MLM (best loss)")
+    streams: str = "shared"
+    """Random draws (rows, tasks, masks, pseudo tokens, dropout): ``shared``, one generator in call
+    order (one process); ``per_batch``, seeded afresh for each micro-batch from (seed, step, index),
+    so several processes can split a step's ``grad_accum`` micro-batches and end where one process
+    ends (other draws than ``shared``, so other numbers)."""
 
     def __post_init__(self):
+        if self.streams not in STREAMS:
+            raise ConfigError(f"streams: expected one of {STREAMS}, got {self.streams!r}")
         if self.h_update not in obj.H_UPDATES:
             raise ConfigError(f"h_update: expected one of {obj.H_UPDATES}, got {self.h_update!r}")
         if self.method not in METHODS:
@@ -180,13 +189,26 @@ class TaskSampler:
 
 class PretrainEpisodes:
     """The pre-training's ``contracts.EpisodeSource``: one episode per algorithm step (``draw_episode``).
-    Its draws read the generator ``TaskChoice`` keeps, so it has no state of its own."""
+    Its draws read the generator ``TaskChoice`` keeps, so it has no state of its own.
+
+    Args:
+        seed: None (``streams: shared``): the generator runs on from draw to draw, in call order (one
+            process). An int (``streams: per_batch``): before each micro-batch the generator and
+            torch's global RNG (dropout) are seeded from ``(seed, step, index)``, so the micro-batch
+            and every draw the algorithm makes on it are the same on whichever process runs it.
+    """
 
     def __init__(self, unlabelled: Tensor, batches: TaskSampler | None, *, batch_size: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, seed: int | None = None):
         self.unlabelled, self.batches, self.batch_size, self.g = unlabelled, batches, batch_size, generator
+        self.seed = seed
+        self.seekable = seed is not None
 
-    def next_episodes(self) -> list[Episode]:
+    def next_episodes(self, step: int, index: int) -> list[Episode]:
+        if self.seed is not None:
+            batch_seed = micro_batch_seed(self.seed, step, index)
+            self.g.manual_seed(batch_seed)
+            torch.manual_seed(batch_seed)
         return [draw_episode(self.unlabelled, self.batches, batch_size=self.batch_size, generator=self.g)]
 
     def state_dict(self) -> dict:
@@ -194,6 +216,11 @@ class PretrainEpisodes:
 
     def load_state_dict(self, state) -> None:
         return None
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of micro-batch ``index`` of optimiser step ``step`` (``streams: per_batch``)."""
+    return int(np.random.default_rng([seed, step, index]).integers(2**62))
 
 
 def masking_scheme() -> obj.MaskingScheme:
@@ -258,7 +285,7 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
              tasks: list[tuple[Tensor, Tensor]], held_out: obj.Batch, *, seed: int,
              scheme: obj.MaskingScheme | None = None, log_samples: Callable[[int], list] | None = None,
              run_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-             on_step: Callable[[int], None] | None = None) -> dict:
+             on_step: Callable[[int], None] | None = None, comm: Communicator | None = None) -> dict:
     """Pre-trains ``student`` in place (and ``teacher`` for the meta methods) with the shared
     training loop: ``TeacherStudentStep`` as the algorithm, the student's and the teacher's
     optimiser groups, ``grad_accum`` micro-batches per step, the episodes from ``PretrainEpisodes``.
@@ -273,17 +300,30 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
             far beside each checkpoint); None: a temporary folder, removed afterwards.
         checkpoint_every, resume, on_step: as ``train_loop``'s (a resume continues bit for bit,
             with the curve, h and best state recorded up to the checkpoint it resumes from).
+        comm: the seam to other processes (``metalm.train.distributed.TorchCommunicator``; one
+            process by default). Several processes need ``settings.streams == "per_batch"`` and
+            ``grad_accum`` at least their number: each runs its share of a step's micro-batches,
+            the gradients are summed, and the run ends at the parameters one process reaches.
+            Rank 0 alone evaluates, records and returns the full curve and h (the others return
+            their own h only, and an empty curve).
 
     Returns:
         ``{"best_state": student state at the lowest held-out MLM loss, "curve": [...], "h": [...],
         "samples": [...]}``.
     """
+    comm = comm if comm is not None else LocalCommunicator()
+    if comm.world_size > 1 and settings.streams != "per_batch":
+        raise ConfigError(f"pre-training on {comm.world_size} processes needs streams: per_batch (with streams: "
+                          "shared every draw follows the one before, so the micro-batches cannot be split)")
     if run_dir is None:
+        if comm.world_size > 1:
+            raise ValueError("pre-training on several processes needs a run_dir that every process shares")
         with tempfile.TemporaryDirectory(prefix="pretrain-") as tmp:
             return pretrain(settings, teacher, student, unlabelled, tasks, held_out, seed=seed, scheme=scheme,
                             log_samples=log_samples, run_dir=tmp, checkpoint_every=checkpoint_every,
                             resume=False, on_step=on_step)
     run_dir = Path(run_dir)
+    main = comm.rank == 0
     g = torch.Generator().manual_seed(seed)
     scheme = scheme or masking_scheme()
     choice = TaskChoice(len(tasks), mlm_task=settings.mlm_task and settings.method != "mlm", generator=g)
@@ -298,15 +338,37 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
     eval_every = max(1, steps // settings.evals)
     record = {"curve": [], "samples": [], "h": algorithm.h, "best_mlm_loss": mlm_loss(student, held_out)}
     best_state = copy.deepcopy(student.state_dict())
-    start = _resumed_step(run_dir) if resume else 0
-    if start:
+    start = comm.broadcast_object(_resumed_step(run_dir) if resume and main else 0)
+    if start and main:
         record, best_state = _read_record(run_dir, start, student)
         algorithm.h[:] = record["h"]
         algorithm.skipped = record["skipped"]
         record["h"] = algorithm.h
+    seen = [len(algorithm.h), algorithm.skipped]  # h and skips of the steps recorded so far
+
+    def merge_ranks() -> None:
+        """Rank 0 gathers the h and skips of every process's micro-batches of this step, in
+        micro-batch order (process r ran micro-batches r, r + W, ...: one episode each)."""
+        mine = (algorithm.h[seen[0]:], algorithm.skipped - seen[1])
+        gathered = comm.gather_object(mine)
+        if main:
+            world = comm.world_size
+            ordered = [None] * sum(len(h) for h, _ in gathered)
+            for rank, (hs, _) in enumerate(gathered):
+                for k, value in enumerate(hs):
+                    ordered[rank + k * world] = value
+            algorithm.h[seen[0]:] = ordered
+            algorithm.skipped = seen[1] + sum(n for _, n in gathered)
+        seen[:] = [len(algorithm.h), algorithm.skipped]
 
     def after(done: int) -> None:
         nonlocal best_state
+        if comm.world_size > 1:
+            merge_ranks()
+        if not main:
+            if on_step is not None:
+                on_step(done)
+            return
         if done % eval_every == 0 or done == steps:
             loss = mlm_loss(student, held_out)
             record["curve"].append({"step": done, "samples": done * settings.batch_size * settings.grad_accum,
@@ -322,9 +384,10 @@ def pretrain(settings: PretrainSettings, teacher: Encoder, student: Encoder, unl
 
     train_loop(model=pair, tasks={}, algorithm=algorithm, sampler=choice, groups=groups, steps=steps,
                batch_size=settings.batch_size, seed=seed, run_dir=run_dir, grad_accum=settings.grad_accum,
-               source=PretrainEpisodes(unlabelled, batches, batch_size=settings.batch_size, generator=g),
+               source=PretrainEpisodes(unlabelled, batches, batch_size=settings.batch_size, generator=g,
+                                       seed=seed if settings.streams == "per_batch" else None),
                log_every=1, checkpoint_every=checkpoint_every, resume=resume, progress=False, tensorboard=False,
-               on_step=after)
+               on_step=after, comm=comm)
     return {"best_state": best_state, "best_mlm_loss": record["best_mlm_loss"], "curve": record["curve"],
             "h": algorithm.h, "skipped": algorithm.skipped, "steps": steps, "samples": record["samples"]}
 

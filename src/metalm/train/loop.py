@@ -115,9 +115,12 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             gradients of each are divided by ``grad_accum`` and added up (``groups.accumulate``), the
             step statistics averaged.
         source: where episodes come from instead of ``tasks`` and their batch streams
-            (``contracts.EpisodeSource``; one process only, not with ``all_tasks``): ``next_episodes``
-            once per algorithm step; its state is checkpointed. The sampler is still updated, asked
-            for feedback and checkpointed, but not sampled by the loop.
+            (``contracts.EpisodeSource``, not with ``all_tasks``): ``next_episodes(step, i)`` for
+            each micro-batch ``i`` of a step; its state is checkpointed. The sampler is still
+            updated, asked for feedback and checkpointed, but not sampled by the loop. With several
+            processes the source must be seekable and ``grad_accum`` at least the number of
+            processes: micro-batch ``i`` runs on process ``i mod world_size`` and the gradients are
+            summed, so the step equals the one-process step over the same micro-batches.
         tasks_per_step: episodes per step (the meta-batch; 1 for plain multi-task training).
         eval_every: evaluate ``eval_tasks`` (task -> splits) every this many steps and at the end.
         checkpoint_every: checkpoint every this many steps and at the end (0: never).
@@ -157,18 +160,29 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         raise ValueError("every optimiser group's parameters must be parameters of the model the loop trains")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
-    if source is not None and (comm.world_size > 1 or all_tasks):
-        raise ValueError(f"{run_dir}: an episode source runs on one process and without all_tasks")
+    if source is not None and all_tasks:
+        raise ValueError(f"{run_dir}: an episode source runs without all_tasks")
+    if source is not None and comm.world_size > 1 and not source.seekable:
+        raise ValueError(f"{run_dir}: this episode source draws in call order, so it runs on one process only")
+    if source is not None and comm.world_size > grad_accum:
+        raise ValueError(f"{run_dir}: {grad_accum} micro-batch(es) per step cannot be shared by {comm.world_size} "
+                         "processes: set grad_accum to at least the number of processes (a multiple of it for "
+                         "equal shares), or start fewer processes")
     first, more = groups[0], [(g.name, g.optimizer, g.scheduler) for g in groups[1:]]
     main = comm.rank == 0
     say = note if main else _silent
     count = len(tasks) if all_tasks else tasks_per_step
-    if comm.world_size > count:
+    if source is None and comm.world_size > count:
         raise ValueError(f"{run_dir}: {count} episode(s) per step cannot be shared by {comm.world_size} processes: "
                          f"set train.tasks_per_step to at least {comm.world_size} (a multiple of it for equal "
                          "shares), or start fewer processes")
-    mine = share(count, comm.rank, comm.world_size)
-    weight = len(mine) / count if algorithm.reduction == "mean" else 1.0
+    if source is None:
+        mine = share(count, comm.rank, comm.world_size)
+        weight = len(mine) / count if algorithm.reduction == "mean" else 1.0
+        stats_weight = weight
+    else:  # this process's micro-batches; each one's gradient is already divided by grad_accum
+        my_micro = [i for i in range(grad_accum) if i % comm.world_size == comm.rank]
+        weight, stats_weight = 1.0, len(my_micro) / grad_accum
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
@@ -227,9 +241,11 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             zero_groups(groups)
             model.zero_grad(set_to_none=True)  # parameters outside every group too: nothing carries over
             drawn, micro_stats = [], []
-            for _ in range(grad_accum):
+            for index in range(grad_accum):
                 if source is not None:
-                    episodes = source.next_episodes()
+                    if index % comm.world_size != comm.rank:
+                        continue  # another process's micro-batch
+                    episodes = source.next_episodes(step, index)
                     micro = [[e.task] for e in episodes]
                 else:
                     micro = [_draw(sampler, algorithm, name=n) for n in tasks] if all_tasks else \
@@ -247,7 +263,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
             stats = _mean_stats(micro_stats)
             if comm.world_size > 1:
                 comm.reduce_gradients([p for p in model.parameters() if p.requires_grad], weight)
-                stats = comm.reduce_mean(stats, weight)
+                stats = comm.reduce_mean(stats, stats_weight)
             else:
                 comm.reduce_gradients([p for p in model.parameters() if p.grad is not None], weight)
             if sampler.request(step + 1).encoder_grad_norm:
