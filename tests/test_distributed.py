@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from metalm.learn.algorithms import build_algorithm
+from tests.gloo import run_on_processes
 from tests.test_meta_algorithms import B, StubTask, tiny_model
 
 # name -> (algorithm, its settings, sampler); every case runs 3 steps of a meta-batch of 4 episodes.
@@ -82,44 +83,29 @@ def _train(run_dir: Path, case: str, comm, *, model=None, steps: int = STEPS, re
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from metalm.train.distributed import TorchCommunicator
-
+def _work(rank: int, comm, root: Path) -> None:
     import metalm.train.distributed as distributed
 
     distributed.SPARSE_ROWS_FROM = 50  # the tiny word embeddings (100 rows) take the row-sparse path
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    for case in CASES:
+        torch.save(_train(root / case, case, comm), root / f"{case}-rank{rank}.pt")
+    # dropout on: uninterrupted, then killed after the step-2 checkpoint and resumed
+    torch.save(_train(root / "whole", "maml", comm, model=_dropout_model(), steps=4,
+                      checkpoint_every=2), root / f"whole-rank{rank}.pt")
     try:
-        comm = TorchCommunicator()
-        root = Path(out)
-        for case in CASES:
-            torch.save(_train(root / case, case, comm), root / f"{case}-rank{rank}.pt")
-        # dropout on: uninterrupted, then killed after the step-2 checkpoint and resumed
-        torch.save(_train(root / "whole", "maml", comm, model=_dropout_model(), steps=4,
-                          checkpoint_every=2), root / f"whole-rank{rank}.pt")
-        try:
-            _train(root / "killed", "maml", comm, model=_dropout_model(), steps=4, checkpoint_every=2,
-                   kill_at=2)
-        except _Killed:
-            pass
-        seen: list[int] = []
-        torch.save(_train(root / "killed", "maml", comm, model=_dropout_model(), steps=4,
-                          checkpoint_every=2, resume=True, seen=seen), root / f"resumed-rank{rank}.pt")
-        torch.save(seen, root / f"resumed-steps-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        _train(root / "killed", "maml", comm, model=_dropout_model(), steps=4, checkpoint_every=2,
+               kill_at=2)
+    except _Killed:
+        pass
+    seen: list[int] = []
+    torch.save(_train(root / "killed", "maml", comm, model=_dropout_model(), steps=4,
+                      checkpoint_every=2, resume=True, seen=seen), root / f"resumed-rank{rank}.pt")
+    torch.save(seen, root / f"resumed-steps-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return out
+    return run_on_processes(_work, tmp_path_factory.mktemp("dist"))
 
 
 # The attention's key bias has a zero gradient in exact arithmetic (a softmax does not change when

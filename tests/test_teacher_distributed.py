@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from metalm.config import ConfigError
+from tests.gloo import run_on_processes
 from tests.test_teacher import _pinned_run
 
 METHODS = ("mlm", "hard", "soft")
@@ -36,43 +37,28 @@ def _run(method, comm, run_dir, **kwargs):
             "skipped": out["skipped"]}
 
 
-def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
+def _work(rank: int, comm, root: Path) -> None:
+    for method in METHODS:
+        torch.save(_run(method, comm, root / method), root / f"{method}-rank{rank}.pt")
+    torch.save(_run("hard", comm, root / "whole", samples=48, checkpoint_every=2), root / f"whole-rank{rank}.pt")
 
-    from metalm.train.distributed import TorchCommunicator
+    def kill_at_3(done):
+        if done == 3:
+            raise _Killed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        comm = TorchCommunicator()
-        root = Path(out)
-        for method in METHODS:
-            torch.save(_run(method, comm, root / method), root / f"{method}-rank{rank}.pt")
-        torch.save(_run("hard", comm, root / "whole", samples=48, checkpoint_every=2), root / f"whole-rank{rank}.pt")
-
-        def kill_at_3(done):
-            if done == 3:
-                raise _Killed
-
-        try:
-            _run("hard", comm, root / "killed", samples=48, checkpoint_every=2, on_step=kill_at_3)
-        except _Killed:
-            pass
-        seen: list[int] = []
-        torch.save(_run("hard", comm, root / "killed", samples=48, checkpoint_every=2, resume=True,
-                        on_step=seen.append), root / f"resumed-rank{rank}.pt")
-        torch.save(seen, root / f"resumed-steps-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        _run("hard", comm, root / "killed", samples=48, checkpoint_every=2, on_step=kill_at_3)
+    except _Killed:
+        pass
+    seen: list[int] = []
+    torch.save(_run("hard", comm, root / "killed", samples=48, checkpoint_every=2, resume=True,
+                    on_step=seen.append), root / f"resumed-rank{rank}.pt")
+    torch.save(seen, root / f"resumed-steps-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("teacher-dist")
-    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return out
+    return run_on_processes(_work, tmp_path_factory.mktemp("teacher-dist"))
 
 
 def _differ(a: dict, b: dict, rtol: float = 1e-10) -> list[str]:
@@ -85,7 +71,7 @@ def test_two_processes_end_where_one_process_ends(two_processes, method, tmp_pat
 
     torch.set_num_threads(1)
     one = _run(method, LocalCommunicator(), tmp_path / method)
-    ranks = [torch.load(two_processes / f"{method}-rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(two_processes / f"{method}-rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]) for n in one["params"])  # the processes agree
     assert _differ(ranks[0]["params"], one["params"]) == []
     assert ranks[0]["curve"] == pytest.approx(one["curve"], rel=1e-10) and len(one["curve"]) == 3
@@ -97,12 +83,12 @@ def test_two_processes_end_where_one_process_ends(two_processes, method, tmp_pat
 
 
 def test_a_killed_two_process_pretraining_resumes_bit_for_bit(two_processes):
-    whole = torch.load(two_processes / "whole-rank0.pt", weights_only=False)
+    whole = torch.load(two_processes / "whole-rank0.pt", weights_only=True)
     for rank in range(2):
         assert torch.load(two_processes / f"resumed-steps-rank{rank}.pt", weights_only=True) == [3, 4, 5, 6]
-        resumed = torch.load(two_processes / f"resumed-rank{rank}.pt", weights_only=False)
+        resumed = torch.load(two_processes / f"resumed-rank{rank}.pt", weights_only=True)
         assert all(torch.equal(resumed["params"][n], whole["params"][n]) for n in whole["params"]), rank
-    resumed = torch.load(two_processes / "resumed-rank0.pt", weights_only=False)
+    resumed = torch.load(two_processes / "resumed-rank0.pt", weights_only=True)
     assert resumed["h"] == whole["h"] and len(whole["h"]) == 12 and resumed["curve"] == whole["curve"]
 
 

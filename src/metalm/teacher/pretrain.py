@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from metalm.teacher.algorithm import TeacherAndStudent, TeacherStudentStep, unla
 from metalm.teacher.model import Encoder
 from metalm.config import ConfigError
 from metalm.files import write_text_atomic
-from metalm.train.checkpoint import latest_checkpoint
+from metalm.train.checkpoint import derived_seed, latest_checkpoint
 from metalm.train.groups import OptimGroup
 from metalm.train.loop import train_loop
 from metalm.train.optim import build_optimizer
@@ -206,7 +205,7 @@ class PretrainEpisodes:
 
     def next_episodes(self, step: int, index: int) -> list[Episode]:
         if self.seed is not None:
-            batch_seed = micro_batch_seed(self.seed, step, index)
+            batch_seed = derived_seed(self.seed, step, index)
             self.g.manual_seed(batch_seed)
             torch.manual_seed(batch_seed)
         return [draw_episode(self.unlabelled, self.batches, batch_size=self.batch_size, generator=self.g)]
@@ -216,11 +215,6 @@ class PretrainEpisodes:
 
     def load_state_dict(self, state) -> None:
         return None
-
-
-def micro_batch_seed(seed: int, step: int, index: int) -> int:
-    """The seed of micro-batch ``index`` of optimiser step ``step`` (``streams: per_batch``)."""
-    return int(np.random.default_rng([seed, step, index]).integers(2**62))
 
 
 def masking_scheme() -> obj.MaskingScheme:

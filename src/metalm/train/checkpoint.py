@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -38,6 +39,12 @@ FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 class CheckpointError(ConfigError):
     """A run folder's checkpoints cannot be trusted (a user-facing error: exit code 2)."""
+
+
+def derived_seed(*parts: int) -> int:
+    """A torch seed drawn from the integers ``parts`` (e.g. seed, step, index): the same parts give
+    the same seed in any process, and different parts independent ones."""
+    return int(np.random.default_rng(list(parts)).integers(2**62))
 
 
 def rng_state() -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from metalm.data.batching import to_device
+from metalm.train.checkpoint import derived_seed
 
 
 def encoder_grad_norm(model: torch.nn.Module) -> float:
@@ -41,7 +42,7 @@ def validation_losses(model: torch.nn.Module, tasks: Mapping, *, batch_size: int
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(np.random.default_rng([seed, step]).integers(2**62)))
+        torch.manual_seed(derived_seed(seed, step))
         losses = {}
         for i, (name, task) in enumerate(tasks.items()):
             split = task.held_out_split()

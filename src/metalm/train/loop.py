@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from metalm.contracts import Algorithm, Communicator, Episode, EpisodeSource, LocalCommunicator, Sampler, Task
 from metalm.data.batching import BatchStream, to_device
-from metalm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+from metalm.train.checkpoint import (CheckpointError, derived_seed, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                                     rng_state, save_checkpoint, set_rng_state)
 from metalm.train.distributed import share
 from metalm.train.evaluate import evaluate
@@ -181,8 +180,7 @@ def train_loop(*, model: torch.nn.Module, tasks: Mapping[str, Task], algorithm: 
         weight = len(mine) / count if algorithm.reduction == "mean" else 1.0
         stats_weight = weight
     else:  # this process's micro-batches; each one's gradient is already divided by grad_accum
-        my_micro = [i for i in range(grad_accum) if i % comm.world_size == comm.rank]
-        weight, stats_weight = 1.0, len(my_micro) / grad_accum
+        weight, stats_weight = 1.0, len(range(comm.rank, grad_accum, comm.world_size)) / grad_accum
     streams = make_streams(tasks, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
     device = next(model.parameters()).device
     mixed = functools.partial(autocast, device, check_precision(precision))  # a fresh context each use
@@ -380,7 +378,7 @@ class _NoLogger:
 def _rank_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of process ``rank`` (> 0) when it starts at ``step`` without its own saved RNG
     state; rank 0 keeps the seed the recipe set, as a one-process run does."""
-    return int(np.random.default_rng([seed, rank, step]).integers(2**62))
+    return derived_seed(seed, rank, step)
 
 
 def _clip(params: list[torch.Tensor], clip_norm: float | None) -> float:
